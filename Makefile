@@ -21,6 +21,7 @@ endif
 
 CHAPTERS := muon moba kda attnres moe rl serving uncertainty
 NOTEBOOKS := $(wildcard 0*/*.ipynb shared/*.ipynb)
+TESTS ?= tests
 PYTEST_ARGS ?=
 XDIST ?= -n auto
 
@@ -47,11 +48,11 @@ build/.installed-system: pyproject.toml
 	touch $@
 
 test: $(STAMP) ## CPU suite (what CI runs): tests, Triton kernels interpreted, notebooks executed
-	$(PY) -m pytest $(XDIST) tests --nbmake $(NOTEBOOKS) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(TESTS) --nbmake $(NOTEBOOKS) $(PYTEST_ARGS)
 
 test-gpu: $(STAMP) ## the suite plus @pytest.mark.gpu tests (compiled kernels, bf16, large shapes); needs CUDA
 	@if [ "$(HAVE_CUDA)" != "1" ]; then echo "make test-gpu: no CUDA device visible to $(SYS_PYTHON) (torch.cuda.is_available() is False); run it on the GPU machine" >&2; exit 2; fi
-	NANOKIMI_REQUIRE_GPU=1 $(PY) -m pytest -n 8 tests $(PYTEST_ARGS)
+	NANOKIMI_REQUIRE_GPU=1 $(PY) -m pytest -n 8 $(TESTS) $(PYTEST_ARGS)
 
 bench: $(STAMP) ## every chapter's bench.py (GPU only): results/<gpu>.json, PNG, README table
 	@if [ "$(HAVE_CUDA)" != "1" ]; then echo "make bench: no CUDA device; benchmarks time compiled kernels on a GPU" >&2; exit 2; fi
