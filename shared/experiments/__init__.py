@@ -1,0 +1,1 @@
+"""nanokimi.experiments: small experiments on TinyKimi (`python -m nanokimi.experiments.<name>`)."""
