@@ -79,6 +79,13 @@ format: $(STAMP) ## ruff format + ruff check --fix
 env-check: $(STAMP) ## [OK]/[FAIL] for Python, torch, triton, numpy, CUDA, and how kernels will run
 	$(PY) -m nanokimi.env_check
 
+grade: $(STAMP) ## grade exercises: make grade CHAPTER=03_kda_linear [ATTEMPT=my_copy/] (all chapters without CHAPTER)
+	$(PY) -m nanokimi.grade $(CHAPTER) $(if $(ATTEMPT),--path $(ATTEMPT),)
+
+exercises-copy: $(STAMP) ## a student copy of the repo without solutions/: make exercises-copy DEST=dir
+	@if [ -z "$(DEST)" ]; then echo "make exercises-copy: set DEST=folder" >&2; exit 2; fi
+	$(PY) -m nanokimi.grade --student-copy $(DEST)
+
 clean: ## remove caches and build output (keeps .venv)
 	rm -rf build .pytest_cache .ruff_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
