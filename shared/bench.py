@@ -162,7 +162,9 @@ class Table:
 
         rows = [r for r in self.rows if isinstance(r.get(value), int | float)]
         labels = [f"{r['name']} {r['shape']}" for r in rows]
-        fig, ax = plt.subplots(figsize=(7, 0.4 * max(len(rows), 2) + 1.2), dpi=80)
+        # Wide enough for the longest "name shape" label (about 0.065 inch per character at fontsize 8).
+        width = 4.5 + 0.065 * max((len(s) for s in labels), default=0)
+        fig, ax = plt.subplots(figsize=(width, 0.4 * max(len(rows), 2) + 1.2), dpi=80)
         ax.barh(range(len(rows)), [r[value] for r in rows], color="tab:blue")
         ax.set_yticks(range(len(rows)), labels, fontsize=8)
         ax.invert_yaxis()
