@@ -124,6 +124,15 @@ def test_interpreter_flag_is_set_on_a_fresh_import():
     assert flag == ("None" if cuda == "True" else "1")
 
 
+def test_importing_triton_first_warns_without_cuda():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import triton, torch, warnings; warnings.simplefilter('error'); print(torch.cuda.is_available()); import nanokimi"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.stdout.strip() == "True":
+        pytest.skip("a CUDA device is present: kernels run compiled")
+    assert out.returncode != 0 and "import nanokimi first" in out.stderr
+
+
 def test_autotune_configs_collapse_under_interpreter():
     cfgs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
     got = autotune_configs(cfgs)
