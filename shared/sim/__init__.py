@@ -1,1 +1,70 @@
 """nanokimi.sim: a policy-free discrete-event simulator of a KVCache-centric serving cluster (chapter 07 adds the policies)."""
+
+from nanokimi.sim.cache import LRUBlockPool, TieredCache, leading_hits, prefix_hit_rate
+from nanokimi.sim.cost import (
+    GPU_PRESETS,
+    MODEL_PRESETS,
+    CostModel,
+    GPUSpec,
+    ModelSpec,
+    gpu_preset,
+    layerwise_overlap,
+    transfer_end,
+)
+from nanokimi.sim.engine import (
+    Cluster,
+    ClusterSpec,
+    Instance,
+    Link,
+    Policy,
+    Route,
+    SimResult,
+    Simulator,
+    TTFTEstimate,
+)
+from nanokimi.sim.metrics import RequestResult, check_conservation, summarize, tbt_from_gaps, tbt_from_token_times
+from nanokimi.sim.requests import (
+    BLOCK_TOKENS,
+    LENGTH_PRESETS,
+    LengthDist,
+    Request,
+    load_trace,
+    replay_speed,
+    synthetic_trace,
+)
+
+__all__ = [
+    "BLOCK_TOKENS",
+    "LENGTH_PRESETS",
+    "GPU_PRESETS",
+    "MODEL_PRESETS",
+    "Cluster",
+    "ClusterSpec",
+    "CostModel",
+    "GPUSpec",
+    "Instance",
+    "LRUBlockPool",
+    "LengthDist",
+    "Link",
+    "ModelSpec",
+    "Policy",
+    "Request",
+    "RequestResult",
+    "Route",
+    "SimResult",
+    "Simulator",
+    "TTFTEstimate",
+    "TieredCache",
+    "check_conservation",
+    "gpu_preset",
+    "layerwise_overlap",
+    "leading_hits",
+    "load_trace",
+    "prefix_hit_rate",
+    "replay_speed",
+    "summarize",
+    "synthetic_trace",
+    "tbt_from_gaps",
+    "tbt_from_token_times",
+    "transfer_end",
+]
