@@ -1,0 +1,54 @@
+"""Exercise 3 (medium): MoBA attention from the block mask.
+
+Task. With the gate's block mask (exercise 2) the rest of MoBA is ordinary softmax attention under a mask. Query i
+(at position ``p_i = T − Tq + i``: the queries are the last Tq tokens, as when a prefill continues from a KV cache)
+attends key s iff s's block is selected for i *and* s is not in the future:
+
+    allowed[i, s] = block_mask[i, ⌊s / block_size⌋]  and  s ≤ p_i
+    o_i = Σ_{s allowed} softmax_s(scale · q_i·k_s) v_s,          scale = D^-1/2 by default
+
+The current block is always selected, so every query keeps at least its own key (s = p_i): no softmax is empty.
+Inside the current block the token-level causal rule does the work; past blocks are wholly before the query.
+
+Write
+
+* ``token_mask(block_mask, T, block_size)``: the ``allowed`` mask above,
+* ``moba_attention(q, k, v, block_size, topk, scale=None)``: score the blocks and select them with the chapter's
+  ``block_scores`` and ``select_blocks`` (imported below: exercises 1 and 2 are their from-scratch versions),
+  then attend through ``token_mask``. The selection is discrete and carries no gradient (as in the paper); the
+  output must be differentiable in q, k and v.
+
+Shapes. block_mask bool ``[B, H, Tq, n_blocks]`` → ``token_mask`` bool ``[B, H, Tq, T]``;
+q ``[B, Tq, H, D]``, k and v ``[B, T, H, D]`` → o ``[B, Tq, H, D]`` in q's dtype (compute in fp64 for fp64 inputs,
+fp32 otherwise). Pass ``q_offset = T − Tq`` to ``select_blocks``.
+
+Hints. ``block_mask.repeat_interleave(block_size, dim=-1)`` gives one column per token of
+``n_blocks · block_size`` padded tokens: cut it to T. Fill disallowed logits with −∞ before ``torch.softmax``.
+Two checks you can run yourself: with ``topk · block_size ≥ T`` the result is dense causal attention; with
+``topk = 1`` it is block-local causal attention. The grader compares outputs and gradients with
+``nanokimi.moba.reference.moba_attention`` (do not call it, nor ``block_mask_attention``).
+"""
+
+from __future__ import annotations
+
+import math  # noqa: F401 (yours to use)
+
+import torch
+
+from nanokimi.moba.reference import block_scores, select_blocks  # noqa: F401 (yours to use)
+
+
+def token_mask(block_mask: torch.Tensor, T: int, block_size: int) -> torch.Tensor:
+    """Which keys each query attends: bool ``[B, H, Tq, n_blocks]`` → bool ``[B, H, Tq, T]``,
+    ``allowed[i, s] = block_mask[i, ⌊s / block_size⌋] and s ≤ T − Tq + i``."""
+    # YOUR CODE HERE (roughly 6 lines)
+    raise NotImplementedError
+
+
+def moba_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, topk: int, scale: float | None = None
+) -> torch.Tensor:
+    """MoBA: q ``[B, Tq, H, D]``, k/v ``[B, T, H, D]`` → o ``[B, Tq, H, D]`` (q's dtype), differentiable in
+    q, k, v; each query attends causally to its current block and its ``topk − 1`` best past blocks."""
+    # YOUR CODE HERE (roughly 9 lines)
+    raise NotImplementedError
