@@ -428,9 +428,9 @@ def newton_schulz_triton(
         return torch.zeros_like(G)
     m, n = G.shape[-2:]
     G3 = G.reshape(-1, m, n)  # [batch, m, n]
-    norm = torch.linalg.vector_norm(G3, dim=(-2, -1), keepdim=True, dtype=torch.float32)  # [batch, 1, 1]
-    X = torch.empty(G3.shape, device=G.device, dtype=compute_dtype())
-    torch.div(G3, norm.clamp_min(eps), out=X)  # normalise in fp32 (or fp64), round once
+    norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
+    norm = torch.linalg.vector_norm(G3, dim=(-2, -1), keepdim=True, dtype=norm_dtype)  # [batch, 1, 1]
+    X = (G3.to(norm_dtype) / norm.clamp_min(eps)).to(compute_dtype())  # normalise in fp32 (or fp64), round once
     out = newton_schulz_iterate_triton(X, steps, coefficients)
     return out.reshape(G.shape).to(G.dtype)
 

@@ -595,3 +595,16 @@ def test_gpu_muon_triton_backend_matches_reference_and_torch():
         opt.step()
     for t, p, s in zip(tri[:2], params, start[:2], strict=True):
         assert_close("update triton vs torch.optim.Muon", t.detach() - s, p.detach() - s, rtol_rel=2e-2)
+
+
+def test_triton_ns_accepts_fp64_input(device):
+    """fp64 gradients are normalised in fp64, iterated in the compute dtype, and returned as fp64."""
+    from nanokimi.muon.kernels import newton_schulz_triton
+    from nanokimi.muon.reference import newton_schulz
+
+    G = randn(2, 12, 20, seed=3, dtype=torch.float64, device=device)
+    out = newton_schulz_triton(G)
+    assert out.dtype == torch.float64
+    ref = newton_schulz(G.cpu())
+    tol = 2e-2 if device.type == "cuda" else 1e-5  # bf16 compute on the GPU, fp32 under the interpreter
+    assert_close("ns(fp64)", out.cpu(), ref, rtol_rel=tol)
