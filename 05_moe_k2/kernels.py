@@ -118,7 +118,7 @@ class Permutation:
 def permute(topk_idx: torch.Tensor, n_experts: int, block_m: int | None = None) -> Permutation:
     """Sort the token-slots by expert and pad each expert's segment to a multiple of ``block_m`` rows.
 
-    Bookkeeping only (a stable sort, a histogram and prefix sums, in torch, with no host sync); the rows of x
+    Bookkeeping only (a stable sort, a histogram and prefix sums, in torch; only the input check syncs); the rows of x
     themselves are gathered inside the GEMM's loads. Inside an expert, rows keep token order.
 
     Args:
@@ -734,7 +734,9 @@ class _RoutedExperts(torch.autograd.Function):
                 DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=perm.block_m,
             )  # fmt: skip
         dx = d_topk_weight = d_w_gate = d_w_up = d_w_down = None
-        if need_w:
+        if need_w and not perm.n_tiles:  # no token reached an expert: the kernel did not run
+            d_topk_weight = torch.zeros(perm.slot_row.shape, dtype=ctx.weight_dtype, device=x.device)
+        elif need_w:
             # Only the column blocks of the config that actually ran hold partial sums.
             blocks_n = triton.cdiv(d_ff, _swiglu_backward_kernel.best_config.kwargs["BLOCK_N"])
             dw_rows = dw_partial[:blocks_n].sum(0)  # [R]

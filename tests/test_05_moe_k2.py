@@ -516,3 +516,19 @@ def test_gpu_moe_layer_bf16_triton_matches_reference_backend():
     y_ref.square().mean().backward()
     for (name, p_ref), p_tri in zip(ref.named_parameters(), tri.parameters(), strict=True):
         assert_close(f"d_{name}", p_tri.grad, p_ref.grad, rtol_rel=2e-2)
+
+
+def test_routed_experts_triton_backward_with_no_tokens(device):
+    """Zero tokens: no row tile exists, the backward kernels never run, and every gradient is zero-sized or zero."""
+    x = torch.zeros(0, 16, device=device, requires_grad=True)
+    idx = torch.zeros(0, 1, dtype=torch.int64, device=device)
+    weight = torch.zeros(0, 1, device=device, requires_grad=True)
+    experts = [
+        randn(*s, seed=i, device=device, requires_grad=True) for i, s in enumerate([(1, 8, 16), (1, 8, 16), (1, 16, 8)])
+    ]
+    y = routed_experts_triton(x, idx, weight, *experts)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16) and weight.grad.shape == (0, 1)
+    for w in experts:
+        assert w.grad is None or not bool(w.grad.any())
