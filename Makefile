@@ -61,6 +61,7 @@ bench: $(STAMP) ## every chapter's bench.py (GPU only): results/<gpu>.json, PNG,
 	    echo "== nanokimi.$$ch.bench"; $(PY) -m nanokimi.$$ch.bench; \
 	  else echo "== nanokimi.$$ch.bench: not written yet, skipped"; fi; \
 	done
+	$(PY) -m nanokimi.readme_results
 
 notebooks: $(STAMP) ## execute every notebook in place (fresh, top to bottom)
 	$(PY) -m jupyter nbconvert --to notebook --execute --inplace $(NOTEBOOKS)
