@@ -121,7 +121,8 @@ def summarize(results: Sequence[RequestResult], ttft_slo: float, tbt_slo: float)
     check_conservation(results, len(results))
     done = [r for r in results if r.status == COMPLETED]
     rejected = [r for r in results if r.status == REJECTED]
-    prefilled = [r for r in results if r.status == COMPLETED or r.reject_stage == "decode"]
+    # Requests rejected at decode or for KV capacity were prefilled too: their prefix hits count.
+    prefilled = [r for r in results if r.status == COMPLETED or r.reject_stage in ("decode", "kv_capacity")]
     ttft = np.array([r.ttft for r in done])
     tbt = np.array([r.tbt for r in done])
     e2e = np.array([r.e2e for r in done])
