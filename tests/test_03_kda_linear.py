@@ -1,0 +1,446 @@
+"""Chapter 03: Kimi Delta Attention — reference ladder, Triton kernels (fwd + bwd, decode) and the layer.
+
+Tolerances and why: 03_kda_linear/README.md § Tolerances.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanokimi.kda.kernels as kda_kernels
+from nanokimi.kda import (
+    KimiDeltaAttention,
+    chunk_cumsum,
+    intra_chunk_matrices,
+    kda_chunk,
+    kda_chunk_triton,
+    kda_decode_step_triton,
+    kda_gate,
+    kda_recurrent,
+    kda_step,
+    l2norm,
+)
+from nanokimi.kda.reference import intra_chunk_matrices_blocked
+from nanokimi.testing import assert_close, rand, randn
+
+GRAD_NAMES = ("q", "k", "v", "g", "beta", "h0")
+
+
+def make_inputs(B, T, H, K, V, seed=0, dtype=torch.float64, device="cpu", gate="logsigmoid"):
+    """q, k L2-normalised (as the layer feeds them), v ~ N(0, 1), g ≤ 0, β ∈ (0, 1), h0 ~ N(0, 1)."""
+    q = l2norm(randn(B, T, H, K, seed=seed, dtype=torch.float64))
+    k = l2norm(randn(B, T, H, K, seed=seed + 1, dtype=torch.float64))
+    v = randn(B, T, H, V, seed=seed + 2, dtype=torch.float64)
+    if gate == "logsigmoid":
+        g = F.logsigmoid(randn(B, T, H, K, seed=seed + 3, dtype=torch.float64))
+    else:  # "strong": about −5 per step, a few channels at −60 (decay by e^-60 each token)
+        g = -5.0 - rand(B, T, H, K, seed=seed + 3, dtype=torch.float64)
+        g[..., :2] = -60.0
+    beta = torch.sigmoid(randn(B, T, H, seed=seed + 4, dtype=torch.float64))
+    h0 = randn(B, H, K, V, seed=seed + 5, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v, g, beta)] + [h0.to(device=device)]
+
+
+def run_with_grads(fn, inputs, use_h0, seed=7):
+    """Outputs and gradients of ``loss = Σ o ⊙ do + Σ S_T ⊙ dS`` w.r.t. q, k, v, g, β (and h0)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    q, k, v, g, beta, h0 = leaves
+    o, ht = fn(q, k, v, g, beta, initial_state=h0 if use_h0 else None, output_final_state=True)
+    do = randn(*o.shape, seed=seed, dtype=torch.float64).to(o.device)
+    dht = randn(*ht.shape, seed=seed + 1, dtype=torch.float64).to(o.device)
+    loss = (o.double() * do).sum() + (ht.double() * dht).sum()
+    used = leaves if use_h0 else leaves[:5]
+    grads = torch.autograd.grad(loss, used)
+    return o.detach(), ht.detach(), dict(zip(GRAD_NAMES, grads, strict=False))
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Every buffer the Triton launchers allocate starts as NaN, so an element a kernel forgets to write fails."""
+
+    def alloc(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kda_kernels, "_alloc", alloc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference ladder: chunkwise == token loop
+
+
+@pytest.mark.parametrize("use_h0", [False, True])
+@pytest.mark.parametrize(("T", "chunk_size"), [(1, 64), (63, 16), (100, 32), (257, 64), (257, 7), (64, 64)])
+def test_chunk_matches_recurrent_fp64(T, chunk_size, use_h0):
+    q, k, v, g, beta, h0 = make_inputs(2, T, 2, 16, 8)
+    h0 = h0 if use_h0 else None
+    o_ref, s_ref = kda_recurrent(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o, s = kda_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=chunk_size)
+    assert o.dtype == torch.float64
+    assert_close("o", o, o_ref, 1e-12)
+    assert_close("S_T", s, s_ref, 1e-12)
+
+
+@pytest.mark.parametrize(("T", "chunk_size"), [(63, 64), (257, 32)])
+def test_chunk_matches_recurrent_fp32(T, chunk_size):
+    inputs = make_inputs(1, T, 2, 32, 16)
+    o_ref, s_ref = kda_recurrent(*inputs[:5], initial_state=inputs[5], output_final_state=True)
+    q, k, v, g, beta = (t.float() for t in inputs[:5])
+    o, s = kda_chunk(q, k, v, g, beta, initial_state=inputs[5].float(), output_final_state=True, chunk_size=chunk_size)
+    assert o.dtype == torch.float32
+    assert_close("o", o, o_ref, 2e-6)
+    assert_close("S_T", s, s_ref, 2e-6)
+
+
+@pytest.mark.parametrize(("C", "block", "gate"), [(64, 8, "logsigmoid"), (20, 8, "strong"), (7, 16, "logsigmoid")])
+def test_blocked_intra_matrices_equal_pairwise(C, block, gate):
+    """The sub-block factoring kda_chunk uses gives the pairwise spec's matrices, also under strong decay."""
+    q, k, _, g, beta = (t[0, :, 0] for t in make_inputs(1, C, 1, 16, 4, gate=gate)[:5])  # one head: [C, ·]
+    G = chunk_cumsum(g, C)
+    ref_kk, ref_qk = intra_chunk_matrices(q, k, G, beta, 0.25)
+    a_kk, a_qk = intra_chunk_matrices_blocked(q, k, G, beta, 0.25, block=block)
+    assert_close("A_kk", a_kk, ref_kk, 1e-13)
+    assert_close("A_qk", a_qk, ref_qk, 1e-13)
+
+
+def test_chunk_gradients_match_recurrent():
+    inputs = make_inputs(1, 37, 2, 8, 8)
+    _, _, ref = run_with_grads(kda_recurrent, inputs, use_h0=True)
+    _, _, got = run_with_grads(lambda *a, **kw: kda_chunk(*a, **kw, chunk_size=16), inputs, use_h0=True)
+    for name in GRAD_NAMES:
+        assert_close(f"d{name}", got[name], ref[name], 1e-10)
+
+
+def test_scalar_gate_is_gated_deltanet_and_no_gate_is_deltanet():
+    """KDA with one α per head (broadcast over channels) is Gated DeltaNet; with α ≡ 1 it is DeltaNet."""
+    q, k, v, g, beta, h0 = make_inputs(1, 20, 1, 8, 4)
+    g_head = g[..., :1]  # [B, T, H, 1]
+    S = h0.clone()
+    expected = []
+    for t in range(20):  # Gated DeltaNet written out: S = α (I − β k kᵀ) S + β k vᵀ
+        kt, vt, bt = k[0, t, 0], v[0, t, 0], beta[0, t, 0]
+        S0 = S[0, 0]
+        S0 = g_head[0, t, 0].exp() * (S0 - bt * torch.outer(kt, kt @ S0)) + bt * torch.outer(kt, vt)
+        S = S0[None, None]
+        expected.append(S0.T @ (q[0, t, 0] * 8**-0.5))
+    o, s = kda_recurrent(q, k, v, g_head.expand_as(g), beta, initial_state=h0, output_final_state=True)
+    assert_close("o (GDN)", o[0, :, 0], torch.stack(expected), 1e-12)
+    o_dn, _ = kda_chunk(q, k, v, torch.zeros_like(g), beta, initial_state=h0, chunk_size=8)
+    o_dn_ref, _ = kda_recurrent(q, k, v, torch.zeros_like(g), beta, initial_state=h0)
+    assert_close("o (DeltaNet)", o_dn, o_dn_ref, 1e-12)
+
+
+def test_zero_beta_and_zero_gate_keep_the_state():
+    q, k, v, g, beta, h0 = make_inputs(1, 9, 2, 8, 4)
+    o, s = kda_chunk(q, k, v, torch.zeros_like(g), torch.zeros_like(beta), initial_state=h0, output_final_state=True)
+    assert_close("S_T", s, h0, 1e-15)
+    assert_close("o", o, torch.einsum("bthk,bhkv->bthv", q * 8**-0.5, h0), 1e-13)
+
+
+def test_reference_strong_decay_is_finite_and_exact():
+    q, k, v, g, beta, h0 = make_inputs(1, 150, 1, 16, 16, gate="strong")
+    o_ref, s_ref = kda_recurrent(q, k, v, g, beta, output_final_state=True)
+    o, s = kda_chunk(*(t.float() for t in (q, k, v, g, beta)), output_final_state=True, chunk_size=64)
+    assert_close("o", o, o_ref, 2e-6)
+    assert_close("S_T", s, s_ref, 2e-6)
+
+
+def test_step_matches_one_token_of_recurrent():
+    q, k, v, g, beta, h0 = make_inputs(2, 1, 3, 8, 4)
+    o_ref, s_ref = kda_recurrent(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o, s = kda_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0)
+    assert_close("o", o, o_ref[:, 0], 1e-14)
+    assert_close("S", s, s_ref, 1e-14)
+
+
+def test_gate_parametrisation():
+    f = randn(2, 3, 4, 8, seed=3)
+    A_log = torch.tensor([0.0, math.log(16.0), 1.0, 2.0])
+    dt_bias = randn(32, seed=4)
+    g = kda_gate(f, A_log, dt_bias)
+    expected = -A_log.exp()[:, None] * F.softplus(f + dt_bias.view(4, 8))
+    assert_close("g", g, expected, 1e-7)
+    assert bool((g <= 0).all())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (CPU) or compiled (GPU): tiny shapes, fp32
+
+
+@pytest.mark.parametrize(
+    ("B", "T", "H", "chunk_size", "use_h0"),
+    [(1, 1, 1, 16, True), (2, 63, 1, 32, False), (1, 130, 1, 64, True)],
+)
+def test_triton_chunk_fwd_bwd_matches_reference(B, T, H, chunk_size, use_h0, device, poisoned_buffers):
+    inputs = make_inputs(B, T, H, 16, 16)
+    _, _, ref = run_with_grads(kda_recurrent, inputs, use_h0)
+    o_ref, s_ref = kda_recurrent(*inputs[:5], initial_state=inputs[5] if use_h0 else None, output_final_state=True)
+    dev_inputs = [t.to(device=device, dtype=torch.float32) for t in inputs]
+    kernel = lambda *a, **kw: kda_chunk_triton(*a, **kw, chunk_size=chunk_size)
+    o, s, got = run_with_grads(kernel, dev_inputs, use_h0)
+    assert o.dtype == torch.float32 and s.dtype == torch.float32
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("S_T", s, s_ref, 1e-5)
+    for name in got:
+        assert_close(f"d{name}", got[name], ref[name], 3e-5 if name in ("g", "beta") else 1e-5)
+
+
+def test_triton_strong_decay_is_finite(device, poisoned_buffers):
+    """g ≈ −5 per step (and −60 on two channels) over 64-token chunks: no exponent overflows."""
+    inputs = make_inputs(1, 80, 1, 16, 16, gate="strong")
+    o_ref, s_ref, ref = run_with_grads(kda_recurrent, inputs, use_h0=True)
+    dev_inputs = [t.to(device=device, dtype=torch.float32) for t in inputs]
+    o, s, got = run_with_grads(kda_chunk_triton, dev_inputs, use_h0=True)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("S_T", s, s_ref, 1e-5)
+    for name in got:
+        # dg is a reverse cumsum of terms that cancel: even the fp32 chunkwise reference is ~2e-4 off here.
+        assert_close(f"d{name}", got[name], ref[name], 1e-3 if name == "g" else 1e-5)
+
+
+def test_triton_chunk_sizes_agree(device):
+    q, k, v, g, beta, h0 = (t.to(device=device, dtype=torch.float32) for t in make_inputs(1, 40, 2, 16, 32))
+    outs = [kda_chunk_triton(q, k, v, g, beta, initial_state=h0, chunk_size=c)[0] for c in (16, 32)]
+    assert_close("o (C=32 vs C=16)", outs[1], outs[0], 1e-5)
+
+
+def test_triton_decode_step_matches_reference(device, poisoned_buffers):
+    q, k, v, g, beta, h0 = make_inputs(2, 1, 3, 16, 24)
+    o_ref, s_ref = kda_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0)
+    args = [t[:, 0].to(device=device, dtype=torch.float32) for t in (q, k, v, g, beta)]
+    state = h0.to(device=device, dtype=torch.float32)
+    o, s = kda_decode_step_triton(*args, state)
+    assert_close("o", o, o_ref, 1e-6)
+    assert_close("S", s, s_ref, 1e-6)
+    assert_close("state untouched", state, h0, 1e-7)
+    o2, s2 = kda_decode_step_triton(*args, state, inplace=True)
+    assert s2.data_ptr() == state.data_ptr()
+    assert_close("S (in place)", state, s_ref, 1e-6)
+
+
+def test_triton_without_grad_and_empty_sequence(device):
+    q, k, v, g, beta, h0 = (t.to(device=device, dtype=torch.float32) for t in make_inputs(1, 5, 1, 16, 16))
+    o, s = kda_chunk_triton(q, k, v, g, beta, initial_state=h0)
+    assert s is None and o.shape == (1, 5, 1, 16)
+    o, s = kda_chunk_triton(
+        q[:, :0], k[:, :0], v[:, :0], g[:, :0], beta[:, :0], initial_state=h0, output_final_state=True
+    )
+    assert o.shape == (1, 0, 1, 16)
+    assert_close("S_T (T=0)", s, h0, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_reference():
+    q, k, v, g, beta, h0 = make_inputs(1, 8, 2, 8, 4)
+    with pytest.raises(ValueError, match=r"k: expected shape \(1, 8, 2, 8\)"):
+        kda_chunk(q, k[:, :7], v, g, beta)
+    with pytest.raises(ValueError, match="g: expected values <= 0"):
+        kda_recurrent(q, k, v, g.abs() + 0.1, beta)
+    with pytest.raises(ValueError, match="beta: expected values <= 2"):
+        kda_chunk(q, k, v, g, beta + 2.5)
+    with pytest.raises(ValueError, match="beta: expected values >= 0"):
+        kda_chunk(q, k, v, g, beta - 1.0)
+    with pytest.raises(ValueError, match="initial_state: expected shape"):
+        kda_chunk(q, k, v, g, beta, initial_state=h0[:, :1])
+    with pytest.raises(TypeError, match="q: expected dtype"):
+        kda_recurrent(q.long(), k, v, g, beta)
+    with pytest.raises(ValueError, match="q: expected 4 dimensions"):
+        kda_chunk(q[0], k, v, g, beta)
+    with pytest.raises(ValueError, match="chunk_size: expected a positive int, got 0"):
+        kda_chunk(q, k, v, g, beta, chunk_size=0)
+    with pytest.raises(ValueError, match="scale: expected a finite float"):
+        kda_chunk(q, k, v, g, beta, scale=float("nan"))
+    with pytest.raises(TypeError, match="scale: expected a finite float or None, got Tensor"):
+        kda_chunk(q, k, v, g, beta, h0)  # the 6th positional argument is scale, not the initial state
+    with pytest.raises(ValueError, match="g: expected values <= 0"):
+        kda_step(q[:, 0], k[:, 0], v[:, 0], -g[:, 0] + 1, beta[:, 0], h0)
+
+
+def test_bad_input_triton(device):
+    q, k, v, g, beta, h0 = (t.to(device=device, dtype=torch.float32) for t in make_inputs(1, 8, 2, 16, 16))
+    with pytest.raises(ValueError, match="chunk_size: expected one of"):
+        kda_chunk_triton(q, k, v, g, beta, chunk_size=48)
+    with pytest.raises(ValueError, match="g: expected values <= 0"):
+        kda_chunk_triton(q, k, v, g + 1.0, beta)
+    with pytest.raises(ValueError, match="beta: expected values <= 2"):
+        kda_chunk_triton(q, k, v, g, beta * 3.0)
+    with pytest.raises(TypeError, match="scale: expected a finite float or None, got Tensor"):
+        kda_chunk_triton(q, k, v, g, beta, h0)
+    with pytest.raises(TypeError, match="k: expected dtype in \\(float32\\)"):
+        kda_chunk_triton(q, k.double(), v, g, beta)
+    with pytest.raises(TypeError, match="q: expected dtype"):
+        kda_chunk_triton(q.double(), k.double(), v.double(), g, beta)
+    big = torch.zeros(1, 2, 1, 512, device=device)
+    with pytest.raises(ValueError, match="K <= 256"):
+        kda_chunk_triton(big, big, big[..., :4], -big.abs(), big[..., 0])
+    with pytest.raises(ValueError, match="state: inplace=True needs a contiguous float32"):
+        kda_decode_step_triton(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0.double(), inplace=True)
+    with pytest.raises(ValueError, match=r"v: expected shape \(1, 2, 16\)"):
+        kda_decode_step_triton(q[:, 0], k[:, 0], v[:, 0, :, :4], g[:, 0], beta[:, 0], h0)
+    if device.type == "cpu":
+        return
+    with pytest.raises(ValueError, match="q: expected a cuda tensor"):
+        kda_chunk_triton(q.cpu(), k.cpu(), v.cpu(), g.cpu(), beta.cpu())
+
+
+def test_bad_input_layer():
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        KimiDeltaAttention(32, 2, backend="cuda")
+    with pytest.raises(ValueError, match="head_dim: d_model=30 is not divisible by n_heads=4"):
+        KimiDeltaAttention(30, 4)
+    with pytest.raises(ValueError, match="conv_size: expected a positive int"):
+        KimiDeltaAttention(32, 2, conv_size=0)
+    layer = KimiDeltaAttention(32, 2)
+    with pytest.raises(ValueError, match=r"x: expected shape \(\*, \*, 32\)"):
+        layer(torch.zeros(1, 4, 31))
+    with pytest.raises(TypeError, match="cache: expected a dict or None, got list"):
+        layer(torch.zeros(1, 4, 32), cache=[])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The layer
+
+
+def _pieces(layer, x, cuts):
+    """Run x through the layer in pieces [0, c1), [c1, c2), … with one cache; T = 1 pieces are decode steps."""
+    cache: dict = {}
+    bounds = [0, *cuts, x.shape[1]]
+    ys = [layer(x[:, a:b], cache) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return torch.cat(ys, dim=1), cache
+
+
+def test_layer_prefill_then_decode_equals_full_forward():
+    torch.manual_seed(0)
+    layer = KimiDeltaAttention(48, 3, conv_size=4, chunk_size=16).double()
+    x = randn(2, 30, 48, seed=11, dtype=torch.float64)
+    y_full = layer(x)
+    full_cache: dict = {}
+    assert_close("y (cache, one piece)", layer(x, full_cache), y_full, 1e-12)
+    y_steps, cache = _pieces(layer, x, [7, 8, 9, 10, 11, 23, 24])
+    assert_close("y (prefill + decode)", y_steps, y_full, 1e-12)
+    assert_close("state", cache["state"], full_cache["state"], 1e-12)
+    for got, ref in zip(cache["conv"], full_cache["conv"], strict=True):
+        assert_close("conv state", got, ref, 0.0)
+    assert cache["n_tokens"] == 30
+    y_tokens, cache_tokens = _pieces(layer, x[:, :6], [1, 2, 3, 4, 5])
+    assert_close("y (token by token)", y_tokens, y_full[:, :6], 1e-12)
+
+
+def test_layer_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    layer = KimiDeltaAttention(32, 2)
+    x = randn(2, 70, 32, seed=5, requires_grad=True)
+    layer(x).square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+        assert float(p.grad.abs().sum()) > 0, f"{name}: zero gradient"
+    assert float(x.grad.abs().sum()) > 0
+
+
+def test_layer_initialisation():
+    torch.manual_seed(0)
+    layer = KimiDeltaAttention(64, 4, head_dim=16)
+    assert layer.n_heads == 4 and layer.head_dim == 16
+    A = layer.A_log.exp()
+    assert bool(((A >= 1.0) & (A <= 16.0)).all())
+    dt = F.softplus(layer.dt_bias)
+    assert dt.shape == (64,) and bool(((dt >= 1e-4 - 1e-9) & (dt <= 0.1 + 1e-6)).all())
+    assert layer.A_log._no_weight_decay and layer.dt_bias._no_weight_decay
+    assert layer.f_proj[0].weight.shape == (16, 64) and layer.g_proj[1].bias.shape == (64,)
+
+
+def test_layer_triton_backend_matches_reference(device):
+    torch.manual_seed(0)
+    ref_layer = KimiDeltaAttention(32, 2, chunk_size=16).to(device)
+    tri_layer = KimiDeltaAttention(32, 2, chunk_size=16, backend="triton").to(device)
+    tri_layer.load_state_dict(ref_layer.state_dict())
+    x = randn(1, 20, 32, seed=3, device=device)
+    assert_close("y (triton vs reference)", tri_layer(x), ref_layer(x), 1e-5)
+    y_steps, cache = _pieces(tri_layer, x, [13, 14])
+    ref_cache: dict = {}
+    ref_layer(x, ref_cache)
+    assert_close("y (triton prefill + decode)", y_steps, ref_layer(x), 1e-5)
+    assert_close("state (triton)", cache["state"], ref_cache["state"], 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels, bf16 and fp32, realistic sizes (fp64 chunkwise reference on the same device)
+
+GPU_TOL = {
+    torch.bfloat16: {"o": 5e-3, "S_T": 5e-3, "q": 8e-3, "k": 8e-3, "v": 8e-3, "h0": 8e-3, "g": 2e-2, "beta": 2e-2},
+    torch.float32: {"o": 2e-5, "S_T": 2e-5, "q": 2e-5, "k": 2e-5, "v": 2e-5, "h0": 2e-5, "g": 1e-4, "beta": 1e-4},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("dtype", "T", "K"),
+    [
+        (torch.bfloat16, 63, 64),
+        (torch.bfloat16, 1000, 128),
+        (torch.bfloat16, 4096, 128),
+        (torch.float32, 63, 128),
+        (torch.float32, 1000, 64),
+    ],
+    ids=["bf16-63-64", "bf16-1000-128", "bf16-4096-128", "fp32-63-128", "fp32-1000-64"],
+)
+def test_gpu_chunk_fwd_bwd(dtype, T, K):
+    inputs = make_inputs(1, T, 2, K, K, seed=T, device="cuda")
+    inputs = [t.to(dtype) for t in inputs[:5]] + [inputs[5].float()]  # the reference sees the rounded inputs
+    ref_fn = lambda *a, **kw: kda_chunk(*a, **kw, chunk_size=64)
+    o_ref, s_ref, ref = run_with_grads(ref_fn, [t.double() for t in inputs], use_h0=True)
+    o, s, got = run_with_grads(kda_chunk_triton, inputs, use_h0=True)
+    tol = GPU_TOL[dtype]
+    assert o.dtype == dtype
+    assert_close("o", o, o_ref, tol["o"])
+    assert_close("S_T", s, s_ref, tol["S_T"])
+    for name in got:
+        assert_close(f"d{name}", got[name], ref[name], tol[name])
+
+
+@pytest.mark.gpu
+def test_gpu_strong_decay_bf16_is_finite():
+    inputs = make_inputs(1, 4096, 2, 128, 128, gate="strong", device="cuda")
+    inputs = [t.bfloat16() for t in inputs[:5]] + [inputs[5].float()]
+    o, s, got = run_with_grads(kda_chunk_triton, inputs, use_h0=True)
+    for name, t in [("o", o), ("S_T", s), *got.items()]:
+        assert bool(torch.isfinite(t).all()), name
+    o_ref, _ = kda_chunk(*(t.double() for t in inputs[:5]), initial_state=inputs[5].double())
+    assert_close("o", o, o_ref, 5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_decode_step(dtype):
+    q, k, v, g, beta, h0 = make_inputs(4, 1, 16, 128, 128, device="cuda")
+    args = [t[:, 0].to(dtype) for t in (q, k, v, g, beta)]
+    o_ref, s_ref = kda_step(*(a.double() for a in args), h0)
+    o, s = kda_decode_step_triton(*args, h0.float())
+    assert_close("o", o, o_ref, 5e-3 if dtype == torch.bfloat16 else 1e-6)
+    assert_close("S", s, s_ref, 1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_layer_triton_bf16_prefill_decode_and_backward():
+    torch.manual_seed(0)
+    ref_layer = KimiDeltaAttention(256, 4, chunk_size=64).cuda()
+    tri_layer = KimiDeltaAttention(256, 4, chunk_size=64, backend="triton").cuda()
+    tri_layer.load_state_dict(ref_layer.state_dict())
+    x = randn(2, 300, 256, seed=1, device="cuda")
+    y_ref = ref_layer(x)
+    assert_close("y fp32 (triton vs reference)", tri_layer(x), y_ref, 1e-4)
+    y_steps, _ = _pieces(tri_layer, x, [200, 201, 202, 250])
+    assert_close("y fp32 (triton prefill + decode)", y_steps, y_ref, 1e-4)
+    tri_layer.bfloat16()
+    xb = x.bfloat16().requires_grad_()
+    yb = tri_layer(xb)
+    assert_close("y bf16", yb, y_ref, 3e-2)
+    yb.float().square().mean().backward()
+    for name, p in tri_layer.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
