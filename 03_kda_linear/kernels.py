@@ -35,6 +35,8 @@ Backward, four launches, the reverse of the above (all derivatives by hand, see 
 Decoding: ``_decode_kernel`` grid (V/BV, B·H) applies one token of the recurrence to a [K, BV] slice of S.
 
 Dots take the input dtype (bf16 on tensor cores, fp32 accumulate); with fp32 inputs every dot is IEEE fp32.
+Under the Triton interpreter bf16 q, k, v run in fp32: it stores bf16 as raw uint16 and its ``tl.dot``
+multiplies those bit patterns as integers (a bf16 call came out ~1e12 off).
 Addressing: a 64-bit base per (batch, head), 32-bit offsets inside it (so T·H·max(K, V, C) < 2^31).
 """
 
@@ -46,7 +48,7 @@ import triton.language as tl
 
 from nanokimi.checks import check_in, check_tensor
 from nanokimi.kda.reference import FLOATS, resolve_scale, validate_kda_inputs
-from nanokimi.triton_utils import autotune_configs, ensure_cuda_or_interpreter
+from nanokimi.triton_utils import autotune_configs, ensure_cuda_or_interpreter, interpreting
 
 __all__ = ["kda_chunk_triton", "kda_decode_step_triton", "CHUNK_SIZES"]
 
@@ -839,6 +841,8 @@ def kda_chunk_triton(
 
     ``check_values`` checks ``g ≤ 0`` and ``0 ≤ β ≤ 2`` (one device→host sync each); turn it off in hot loops
     whose inputs are valid by construction (the layer's gate is ≤ 0 and its β a sigmoid).
+
+    Under the Triton interpreter (CPU), bf16 q, k, v are computed in fp32 and ``o`` is rounded back to bf16.
     """
     B, T, H, K, V = validate_kda_inputs(q, k, v, g, beta, initial_state, check_values=check_values)
     check_tensor("q", q, dtypes=_KERNEL_DTYPES)
@@ -866,7 +870,11 @@ def kda_chunk_triton(
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    return _KDAChunkFunction.apply(q, k, v, g, beta, initial_state, scale, bool(output_final_state), chunk_size)
+    in_fp32 = interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 dot: see the module docstring
+    if in_fp32:
+        q, k, v = q.float(), k.float(), v.float()
+    o, ht = _KDAChunkFunction.apply(q, k, v, g, beta, initial_state, scale, bool(output_final_state), chunk_size)
+    return (o.to(torch.bfloat16) if in_fp32 else o), ht
 
 
 def kda_decode_step_triton(

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import nanokimi.kda.kernels as kda_kernels
 from nanokimi.kda import (
@@ -26,6 +28,7 @@ from nanokimi.kda import (
 )
 from nanokimi.kda.reference import intra_chunk_matrices_blocked
 from nanokimi.testing import assert_close, rand, randn
+from nanokimi.triton_utils import interpreting
 
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "h0")
 
@@ -230,6 +233,148 @@ def test_triton_without_grad_and_empty_sequence(device):
     )
     assert o.shape == (1, 0, 1, 16)
     assert_close("S_T (T=0)", s, h0, 0.0)
+
+
+@pytest.mark.skipif(not interpreting(), reason="checks the interpreter path; the compiled bf16 path is a GPU test")
+def test_triton_bf16_under_the_interpreter_matches_reference():
+    """The interpreter's tl.dot multiplies bf16 as raw uint16 bit patterns, so on the CPU the launcher runs bf16
+    q, k, v in fp32 and rounds o back to bf16 (before that, o came out ~1e12 off)."""
+    inputs = make_inputs(1, 40, 2, 16, 16)
+    rounded = [t.to(torch.bfloat16) for t in inputs[:5]] + [inputs[5].float()]
+    do, dht = randn(1, 40, 2, 16, seed=7).to(torch.bfloat16), randn(1, 2, 16, 16, seed=8)  # dO as autograd gives it
+    ref_leaves = [t.double().requires_grad_() for t in rounded]
+    o_ref, s_ref = kda_recurrent(*ref_leaves[:5], initial_state=ref_leaves[5], output_final_state=True)
+    ref = torch.autograd.grad([o_ref, s_ref], ref_leaves, [do.double(), dht.double()])
+    leaves = [t.clone().requires_grad_() for t in rounded]
+    o, s = kda_chunk_triton(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+    got = torch.autograd.grad([o, s], leaves, [do, dht])
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    # fp32 inside, then one rounding to bf16: torch's casts round to nearest (≤ 2^-8 relative), the interpreter's
+    # kernel store of dg truncates (≤ 2^-7)
+    bf16_tol = {"h0": 1e-5, "g": 8e-3}
+    assert_close("o", o, o_ref, 4e-3)
+    assert_close("S_T", s, s_ref, 1e-5)
+    for name, out, expected in zip(GRAD_NAMES, got, ref, strict=True):
+        assert_close(f"d{name}", out, expected, bf16_tol.get(name, 4e-3))
+
+
+class _GuardedAlloc:
+    """An ``_alloc`` whose buffers sit inside NaN-filled storage with ``guard`` elements before and after. A write
+    past a buffer shows in its guards; under the interpreter ``check_accesses`` also flags every unmasked load or
+    store whose address lies outside all the buffers (on the GPU such an access is an illegal-address error)."""
+
+    def __init__(self, guard: int):
+        self.guard = guard
+        self.buffers = []
+        self.stray = []  # (kind, address) of accesses outside every buffer
+
+    def __call__(self, *shape, dtype, device):
+        n = math.prod(shape)
+        full = torch.full((n + 2 * self.guard,), float("nan"), dtype=dtype, device=device)
+        self.buffers.append((full, n))
+        return full[self.guard : self.guard + n].view(shape)
+
+    def holding(self, t):
+        out = self(*t.shape, dtype=t.dtype, device=t.device)
+        return out.copy_(t)
+
+    def guards_untouched(self):
+        g = self.guard
+        return all(bool(full[:g].isnan().all() and full[g + n :].isnan().all()) for full, n in self.buffers)
+
+    def _record(self, kind, ptrs, mask, nbytes):
+        spans = sorted(
+            (full.data_ptr() + self.guard * full.element_size(), n * full.element_size()) for full, n in self.buffers
+        )
+        starts = np.array([start for start, _ in spans], dtype=np.uint64)
+        ends = starts + np.array([nbytes for _, nbytes in spans], dtype=np.uint64)
+        shape = np.broadcast_shapes(ptrs.shape, mask.shape)
+        addr = np.broadcast_to(ptrs, shape)[np.broadcast_to(mask.astype(bool), shape)]
+        i = np.maximum(np.searchsorted(starts, addr, side="right") - 1, 0)
+        bad = (addr < starts[i]) | (addr + np.uint64(nbytes) > ends[i])
+        self.stray += [(kind, int(a)) for a in addr[bad][:5]]
+
+    def check_accesses(self, monkeypatch):
+        """Route the interpreter's loads and stores through ``_record`` (a no-op when kernels run compiled)."""
+        if not interpreting():
+            return
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+
+        def checked_load(builder, ptrs, mask, *args):
+            self._record("load", ptrs.data, mask.data, ptrs.get_element_ty().primitive_bitwidth // 8)
+            return load(builder, ptrs, mask, *args)
+
+        def checked_store(builder, ptrs, value, mask, *args):
+            self._record("store", ptrs.data, mask.data, ptrs.get_element_ty().primitive_bitwidth // 8)
+            return store(builder, ptrs, value, mask, *args)
+
+        monkeypatch.setattr(InterpreterBuilder, "create_masked_load", checked_load)
+        monkeypatch.setattr(InterpreterBuilder, "create_masked_store", checked_store)
+
+
+def _sequential_reference(w, u, qg, kg, aqk, gc, h0, do, dht, C):
+    """The chunk walks of ``_fwd_state_kernel`` and ``_bwd_state_kernel`` in torch, every tensor [B, T, H, ·]:
+    Δ = U − W S, O = qg S + A_qk Δ, S ← e^{G_C} S + kgᵀ Δ; then in reverse dΔ = A_qkᵀ dO + kg dS,
+    dS ← e^{G_C} dS + qgᵀ dO − Wᵀ dΔ. Returns o, S_T, hs, Δ, dhs, dΔ, dS_0."""
+    w, u, qg, kg, aqk, gc, do = (t.transpose(1, 2) for t in (w, u, qg, kg, aqk, gc, do))  # [B, H, T, ·]
+    T = w.shape[2]
+    chunks = [slice(s, min(s + C, T)) for s in range(0, T, C)]
+    S, o, delta, hs = h0, torch.empty_like(u), torch.empty_like(u), []
+    for c in chunks:
+        a = aqk[:, :, c, : c.stop - c.start]
+        hs.append(S)
+        delta[:, :, c] = u[:, :, c] - w[:, :, c] @ S
+        o[:, :, c] = qg[:, :, c] @ S + a @ delta[:, :, c]
+        S = gc[:, :, c.stop - 1, :, None].exp() * S + kg[:, :, c].transpose(-1, -2) @ delta[:, :, c]
+    dS, ddelta, dhs = dht, torch.empty_like(u), [None] * len(chunks)
+    for n, c in reversed(list(enumerate(chunks))):
+        a = aqk[:, :, c, : c.stop - c.start]
+        dhs[n] = dS
+        ddelta[:, :, c] = a.transpose(-1, -2) @ do[:, :, c] + kg[:, :, c] @ dS
+        dS = (
+            gc[:, :, c.stop - 1, :, None].exp() * dS
+            + qg[:, :, c].transpose(-1, -2) @ do[:, :, c]
+            - w[:, :, c].transpose(-1, -2) @ ddelta[:, :, c]
+        )
+    seq = lambda t: t.transpose(1, 2)
+    return seq(o), S, torch.stack(hs, 1), seq(delta), torch.stack(dhs, 1), seq(ddelta), dS
+
+
+@pytest.mark.parametrize("config", kda_kernels._SEQ_CONFIGS, ids=lambda c: f"BV{c.kwargs['BV']}")
+def test_sequential_kernel_configs_stay_in_bounds(config, device, monkeypatch):
+    """Each autotune config of the two sequential kernels (the interpreter's autotuner runs only the first),
+    launched directly with every buffer inside NaN guards: B·H > 1, three chunks with a partial last one,
+    K < BK, V not a multiple of BV; under the interpreter every load and store address is checked as well."""
+    B, T, H, K, V, C = 2, 40, 2, 24, 40, 16
+    NT, BK = -(-T // C), 32
+    guarded = _GuardedAlloc(guard=C * H * max(K, V, C))  # a whole chunk of rows past either end stays inside
+    rnd = lambda *shape, seed: guarded.holding(0.5 * randn(*shape, seed=seed, device=device))
+    w, qg, kg = (rnd(B, T, H, K, seed=i) for i in range(3))
+    u, do = rnd(B, T, H, V, seed=3), rnd(B, T, H, V, seed=4)
+    aqk = rnd(B, T, H, C, seed=5)
+    gc = guarded.holding(-rand(B, T, H, K, seed=6, device=device))
+    h0, dht = rnd(B, H, K, V, seed=7), rnd(B, H, K, V, seed=8)
+    o, delta, ddelta = (guarded(B, T, H, V, dtype=torch.float32, device=device) for _ in range(3))
+    hs, dhs = (guarded(B, NT, H, K, V, dtype=torch.float32, device=device) for _ in range(2))
+    ht, dh0 = (guarded(B, H, K, V, dtype=torch.float32, device=device) for _ in range(2))
+    guarded.check_accesses(monkeypatch)
+    meta = dict(BV=config.kwargs["BV"], num_warps=config.num_warps, num_stages=config.num_stages)
+    grid = (triton.cdiv(V, meta["BV"]), B * H)
+    shapes = dict(H=H, K=K, V=V, C=C, BK=BK, PREC="ieee")
+    kda_kernels._fwd_state_kernel.fn[grid](
+        w, u, qg, kg, aqk, gc, h0, o, hs, delta, ht, T, NT, HAS_H0=True, STORE_HT=True, SAVE=True, **shapes, **meta
+    )
+    kda_kernels._bwd_state_kernel.fn[grid](
+        qg, kg, w, aqk, gc, do, dht, dhs, ddelta, dh0, T, NT, HAS_DHT=True, HAS_DH0=True, **shapes, **meta
+    )
+    assert not guarded.stray, f"accesses outside every buffer (kind, address): {guarded.stray[:5]}"
+    assert guarded.guards_untouched(), "a kernel wrote outside its buffer"
+    expected = _sequential_reference(*(t.double() for t in (w, u, qg, kg, aqk, gc, h0, do, dht)), C)
+    names = ("o", "S_T", "hs", "delta", "dhs", "ddelta", "dh0")
+    for name, out, ref in zip(names, (o, ht, hs, delta, dhs, ddelta, dh0), expected, strict=True):
+        assert_close(name, out, ref, 1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------
