@@ -45,7 +45,6 @@ import io
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -62,7 +61,7 @@ from nanokimi.muon import MuonWithAdamW, muon_param_groups
 from nanokimi.rl.curriculum import Curriculum
 from nanokimi.rl.loss import grpo_loss, k15_loss, length_reward
 from nanokimi.rl.rollout import Group, Response, advance_rollouts, load_policy, response_logprobs, response_seed
-from nanokimi.train import CKPT_FORMAT, load_checkpoint
+from nanokimi.train import CKPT_FORMAT, StopFlag, atomic_write_bytes, load_checkpoint
 
 __all__ = ["RLConfig", "METHODS", "train_rl", "evaluate_policy", "group_rewards", "main", "build_parser"]
 
@@ -254,40 +253,6 @@ def _build_optimizer(model: TinyKimi, cfg: RLConfig) -> MuonWithAdamW:
     return MuonWithAdamW(groups, lr=cfg.lr, weight_decay=0.0, backend=model.cfg.backend)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class _StopFlag:
-    """Ctrl-C asks the loop to stop after the iteration in progress; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
 def _update(model, ref_model, opt, cfg: RLConfig, groups: list[Group], rewards: torch.Tensor) -> dict:
     """``updates_per_iter`` optimizer steps on the finished groups; returns loss, grad norm and log-ratio stats."""
     n_groups, k = rewards.shape
@@ -376,7 +341,7 @@ def _plot(metrics: list[dict], level_names: list[str], path: Path, title: str, m
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def train_rl(
@@ -420,7 +385,7 @@ def train_rl(
 
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    _atomic_write(metrics_path, b"")
+    atomic_write_bytes(metrics_path, b"")
     load_start = os.getloadavg()
     t0 = time.perf_counter()
     start_test = [evaluate_policy(model, t, s, max_len, 12) for t, s in zip(levels, test_sets, strict=True)]
@@ -438,7 +403,7 @@ def train_rl(
     status = "completed"
     iteration = 0
     bar = tqdm(total=cfg.iterations, disable=not cfg.progress, desc=f"rl {cfg.method}", dynamic_ncols=True)
-    with _StopFlag() as stop, open(metrics_path, "a") as log:
+    with StopFlag() as stop, open(metrics_path, "a") as log:
         log.write(json.dumps(metrics[0]) + "\n")
         while iteration < cfg.iterations:
             started = time.perf_counter()
@@ -495,6 +460,16 @@ def train_rl(
                     "group_lengths": lengths.tolist(),
                     "update_s": time.perf_counter() - update_started,
                 }
+                # Groups carried over by partial rollouts can belong to an earlier stage: statistics per level.
+                group_levels = torch.tensor([g.problem.level for g in ready])
+                record["by_level"] = {
+                    str(level): {
+                        "groups": int((group_levels == level).sum()),
+                        "accuracy": float(correct[group_levels == level].float().mean()),
+                        "zero_std_groups": int((rewards[group_levels == level].std(dim=1) == 0).sum()),
+                    }
+                    for level in sorted(set(group_levels.tolist()))
+                }
             iteration += 1
             if iteration % cfg.eval_every == 0 or iteration == cfg.iterations:
                 record["eval"] = [
@@ -534,7 +509,7 @@ def train_rl(
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    _atomic_write(out / "ckpt.pt", buf.getvalue())
+    atomic_write_bytes(out / "ckpt.pt", buf.getvalue())
 
     summary = {
         "status": status,
@@ -557,7 +532,7 @@ def train_rl(
         "model_config": model.cfg.to_dict(),
         "parameters": model.num_parameters(),
     }
-    _atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     marks = {f"→ {name}": start for name, start in zip(level_names[1:], starts[1:], strict=True)}
     if cfg.length_weight > 0:
         marks["length reward on"] = cfg.length_warmup

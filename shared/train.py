@@ -60,6 +60,8 @@ __all__ = [
     "OPTIMIZERS",
     "build_optimizer",
     "main",
+    "StopFlag",
+    "atomic_write_bytes",
 ]
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
@@ -239,7 +241,8 @@ def evaluate(model: TinyKimi, task: Task, examples: list, batch_size: int = 256)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush and fsync it, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -249,7 +252,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode())
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -303,7 +306,7 @@ def _check_resumable(ckpt: dict, cfg: TrainConfig, model_cfg: TinyKimiConfig, ta
 
 
 # --- the run -----------------------------------------------------------------------------------------------
-class _StopFlag:
+class StopFlag:
     """SIGINT (Ctrl-C) asks the loop to stop after the step in progress; a second Ctrl-C interrupts at once."""
 
     def __init__(self):
@@ -360,7 +363,7 @@ def _plot(metrics: list[dict], path: Path, title: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -438,7 +441,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step) -> dict:
             }
             buf = io.BytesIO()
             torch.save(payload, buf)
-            _atomic_write_bytes(ckpt_path, buf.getvalue())
+            atomic_write_bytes(ckpt_path, buf.getvalue())
 
     t0 = time.perf_counter()
     step = start_step
@@ -446,7 +449,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step) -> dict:
     bar = tqdm(
         total=cfg.steps, initial=start_step, disable=not cfg.progress or d.rank != 0, desc="train", dynamic_ncols=True
     )
-    with _StopFlag() as stop, open(metrics_path, "a") if d.rank == 0 else open(os.devnull, "w") as log:
+    with StopFlag() as stop, open(metrics_path, "a") if d.rank == 0 else open(os.devnull, "w") as log:
         while step < cfg.steps:
             record = _train_step(cfg, task, model, train_model, opt, qk_clip, d, step)
             step += 1
