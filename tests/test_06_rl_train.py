@@ -157,10 +157,10 @@ def test_dense_decoding_config_makes_the_forward_equal_the_decoder():
     torch.manual_seed(0)
     sparse_cfg = TinyKimiConfig.preset("cpu-tiny", **SMALL)  # blocks of 8, top-2: sparse beyond 16 tokens
     sparse = TinyKimi(sparse_cfg).eval()
-    dense = TinyKimi(dense_decoding_config(sparse_cfg, 40)).eval()
+    dense = TinyKimi(dense_decoding_config(sparse_cfg, 28)).eval()
     dense.load_state_dict(sparse.state_dict())
-    assert dense.cfg.moba_topk == 5
-    tokens = torch.randint(3, TOKENIZER.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert dense.cfg.moba_topk == 4
+    tokens = torch.randint(3, TOKENIZER.vocab_size, (2, 28), generator=torch.Generator().manual_seed(1))
 
     def decoded(model):
         caches = model.new_caches()
@@ -253,11 +253,14 @@ def test_smoke_run_reward_rises_on_a_trivially_learnable_task(init_ckpt, tmp_pat
     assert not torch.equal(saved["model"]["lm_head.weight"], start["model"]["lm_head.weight"])
 
 
-def test_grpo_with_partial_rollouts_and_length_reward_runs(init_ckpt, tmp_path):
-    """GRPO in the same harness; a 2-token budget forces continuations, whose stale tokens are counted."""
+def test_grpo_with_muon_partial_rollouts_and_length_reward_runs(init_ckpt, tmp_path):
+    """GRPO in the same harness (with Muon, reset every iteration); a 2-token budget forces continuations, whose
+    stale tokens are counted."""
     cfg = RLConfig(
         init=init_ckpt,
         method="grpo",
+        optimizer="muon",
+        reset_optimizer=True,
         iterations=4,
         groups=2,
         k=3,
@@ -279,6 +282,8 @@ def test_grpo_with_partial_rollouts_and_length_reward_runs(init_ckpt, tmp_path):
     assert sum(m["continued"] for m in lines) > 0
     trained = [m for m in lines if m["groups_trained"]]
     assert trained and any(m["stale_token_frac"] > 0 for m in trained)
+    for m in trained:
+        assert sum(v["groups"] for v in m["by_level"].values()) == m["groups_trained"] == len(m["group_lengths"])
     assert summary["method"] == "grpo" and summary["max_response_len"] == 6
 
 
