@@ -397,9 +397,9 @@ class TinyKimi(nn.Module):
         the ``top_k`` largest when given, are sampled by the Gumbel-max trick.
 
         Randomness: row r's token at absolute position p (prompt length + index) uses Gumbel noise from a
-        generator seeded by (seed, r, p) for an int ``seed``, or (seed[r], p) for one seed per row. So a sample is
-        independent of batching, and continuing a prompt + partial response with the same per-row seed gives the
-        same tokens as the uninterrupted sample (what partial rollouts need).
+        generator seeded by (seed, r, p) for an int ``seed``, or by (seed[r], p) with one seed per row. With
+        per-row seeds a sample is independent of batching, and continuing a prompt + partial response with the
+        same seed gives the same tokens as the uninterrupted sample (what partial rollouts need).
         """
         rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(map(int, p)) for p in prompts]
         if not rows:

@@ -11,7 +11,7 @@ the ``triton`` backends (fused kernels; MuonClip's Newton–Schulz included). Re
   arithmetic (TF32/bf16 tensor-core dots in the kernels, fp32 in the references) and MoE routing is discrete, so
   the curves drift apart slowly; the stated tolerance is ≤ 2% on every one of the first 200 steps.
 
-The task is MQAR with 26 pairs, 26 queries and a gap of 400 filler tokens (sequences of 505 tokens): long enough
+The task is MQAR with 26 pairs, 26 queries and a gap of 400 filler tokens (506-token inputs): long enough
 to load the GPU, and hard enough that the loss stays well above zero for 200 steps, so a relative comparison stays
 meaningful (a copy task is solved within ~60 steps, after which |ΔL|/L compares rounding noise).
 
@@ -41,6 +41,7 @@ def run(
     steps: int = 200,
     batch_size: int = 8,
     gap: int = 400,
+    pairs: int = 26,
     preset: str = "gpu-small",
     model_overrides: dict | None = None,
     device: str = "cuda",
@@ -53,7 +54,7 @@ def run(
         cfg = TrainConfig(
             preset=preset,
             task="mqar",
-            task_knobs={"pairs": 26, "queries": 26, "gap": gap},
+            task_knobs={"pairs": pairs, "queries": pairs, "gap": gap},
             model_overrides=(model_overrides or {}) | {"backend": backend},
             steps=steps,
             batch_size=batch_size,
@@ -80,9 +81,9 @@ def run(
         "torch": torch.__version__,
         "preset": preset,
         "model_overrides": model_overrides or {},
-        "task": {"name": "mqar", "pairs": 26, "queries": 26, "gap": gap},
+        "task": {"name": "mqar", "pairs": pairs, "queries": pairs, "gap": gap},
         "batch_size": batch_size,
-        "tokens_per_step": batch_size * (2 * 26 + gap + 1 + 2 * 26),
+        "tokens_per_step": batch_size * (4 * pairs + gap + 2),  # <bos>, pairs, gap, |, queries+values, <eos> − 1
         "steps": steps,
         "parameters": curves["triton"]["summary"]["parameters"],
         "step_ms": {"reference": ref_ms, "triton": tri_ms},
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=2,
             batch_size=2,
             gap=2,
+            pairs=3,
             preset="cpu-tiny",
             model_overrides=SMOKE_MODEL | {"kda_chunk_size": 16},
             device="cpu",
