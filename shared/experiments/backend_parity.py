@@ -123,7 +123,9 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     ax.legend(fontsize=7)
-    ax_diff.semilogy(range(1, result["steps"] + 1), result["loss_rel_diff"], color="tab:purple", lw=1)
+    floor = 1e-9  # exact agreement would have no place on a log axis
+    rel = [max(r, floor) for r in result["loss_rel_diff"]]
+    ax_diff.semilogy(range(1, result["steps"] + 1), rel, color="tab:purple", lw=1)
     ax_diff.axhline(result["loss_rtol"], color="gray", ls="--", lw=0.8)
     ax_diff.set_xlabel("step")
     ax_diff.set_ylabel("|ΔL| / L")
