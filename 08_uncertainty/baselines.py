@@ -64,11 +64,6 @@ def model_logits_fn(model: TinyKimi) -> Callable[[torch.Tensor], torch.Tensor]:
     return logits
 
 
-def _check_kind_and_name(kind: str, prefix: str) -> str:
-    check_in("kind", kind, ENSEMBLE_KINDS)
-    return f"{prefix}_{kind}"
-
-
 class MCDropoutScorer(Scorer):
     """``n_passes`` forwards of ``model`` with dropout rate ``p`` on every sublayer output; ``kind`` in ENSEMBLE_KINDS."""
 
@@ -78,8 +73,8 @@ class MCDropoutScorer(Scorer):
             raise ValueError(f"p: expected a dropout rate in (0, 1), got {p!r}")
         self.model, self.p = model, float(p)
         self.n_passes = check_positive_int("n_passes", n_passes)
-        self.kind, self.seed = kind, int(seed)
-        self.name = _check_kind_and_name(kind, "mc_dropout")
+        self.kind, self.seed = check_in("kind", kind, ENSEMBLE_KINDS), int(seed)
+        self.name = f"mc_dropout_{kind}"
         self.passes = self.n_passes
 
     def member_logits(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -119,8 +114,8 @@ class EnsembleScorer(Scorer):
                     f"got {model.cfg.vocab_size}"
                 )
         self.models = list(models)
-        self.kind = kind
-        self.name = _check_kind_and_name(kind, "ensemble")
+        self.kind = check_in("kind", kind, ENSEMBLE_KINDS)
+        self.name = f"ensemble_{kind}"
         self.passes = len(self.models)
 
     def member_logits(self, inputs: torch.Tensor) -> torch.Tensor:

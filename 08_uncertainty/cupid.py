@@ -85,6 +85,9 @@ class CUPIDOutputs:
 class CUPID(nn.Module):
     """The plug-in at site ``layer`` of a frozen ``base_model`` (see the module docstring).
 
+    Per token: trunk = Linear(D→hidden) then ``n_blocks`` residual MLP blocks; recon_head = Linear(hidden→D), with
+    no skip from the input (the identity has to be learned, so it need not hold off the training distribution);
+    logvar_head = a small MLP hidden→1.
     ``hidden``: trunk width; ``n_blocks``: residual trunk blocks; ``output_weight`` λ_out, ``perturb_weight``
     λ_pert, ``hetero_weight`` λ_het; ``seed`` fixes the plug-in's initialisation (the global RNG is left alone).
     The base is held by reference, not as a submodule: ``parameters()`` and ``state_dict()`` are the plug-in's.
@@ -130,20 +133,23 @@ class CUPID(nn.Module):
         return self.recon_head(trunk).to(features.dtype), self.logvar_head(trunk).squeeze(-1)
 
     def outputs(self, tokens: torch.Tensor) -> CUPIDOutputs:
-        """Base and inserted logits, f, f̂ and s for tokens [B, T]. Gradients reach only the plug-in."""
-        with torch.no_grad():
-            base_logits, feats = run_with_sites(self.base, tokens, read=(self.layer,))
-        features = feats[self.layer]
-        if self.final_site:  # the insert's downstream network is lm_head alone: no second pass
-            reconstruction, log_var = self(features)
-            return CUPIDOutputs(base_logits, self.base.lm_head(reconstruction), features, reconstruction, log_var)
+        """Base and inserted logits, f, f̂ and s for tokens [B, T]. Gradients reach only the plug-in (the base runs
+        frozen: its parameters are not part of the autograd graph)."""
         made: dict[str, torch.Tensor] = {}
 
         def insert(v: torch.Tensor) -> torch.Tensor:
             made["reconstruction"], made["log_var"] = self(v)
             return made["reconstruction"]
 
-        insert_logits, _ = run_with_sites(self.base, tokens, replace=(self.layer, insert))
+        with frozen(self.base):
+            with torch.no_grad():
+                base_logits, feats = run_with_sites(self.base, tokens, read=(self.layer,))
+            features = feats[self.layer]
+            if self.final_site:  # the insert's downstream network is lm_head alone: no second pass
+                insert(features)
+                insert_logits = self.base.lm_head(made["reconstruction"])
+            else:
+                insert_logits, _ = run_with_sites(self.base, tokens, replace=(self.layer, insert))
         return CUPIDOutputs(base_logits, insert_logits, features, made["reconstruction"], made["log_var"])
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

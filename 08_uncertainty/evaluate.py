@@ -1,8 +1,8 @@
 """Chapter 08's evaluations of every scorer on trained TinyKimis (JSON + PNG).
 
-    python -m nanokimi.uncertainty.evaluate --base runs/u08/add_s0/ckpt.pt \\
-        --ensemble runs/u08/add_s1/ckpt.pt runs/u08/add_s2/ckpt.pt --noisy runs/u08/noise_s0/ckpt.pt \\
-        --out 08_uncertainty/results/eval
+    python -m nanokimi.uncertainty.evaluate --base runs/u08/add400_s0/ckpt.pt \\
+        --ensemble runs/u08/add400_s1/ckpt.pt runs/u08/add400_s3/ckpt.pt --noisy runs/u08/noise800_s0/ckpt.pt \\
+        --seed 1 --out 08_uncertainty/results/eval
 
 What is measured (higher score = more uncertain everywhere):
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ __all__ = [
     "task_batches",
     "reliability",
     "thin_curve",
+    "auroc_difference_ci",
     "cost_row",
     "build_scorers",
     "evaluate_task",
@@ -172,6 +174,25 @@ def answer_confidence(model: TinyKimi, data: EvalSet, batch_size: int = 256) -> 
     return torch.cat(out).double().numpy()
 
 
+def auroc_difference_ci(
+    scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile interval of AUROC(a) − AUROC(b) over a paired bootstrap of the examples, stratified by label
+    (the same resampled examples score both a and b, so their correlation is kept)."""
+    check_positive_int("n_boot", n_boot)
+    labels = np.asarray(labels)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"labels: expected both classes, got {pos.size} positives and {neg.size} negatives")
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+        diffs[i] = auroc(scores_a[idx], labels[idx]) - auroc(scores_b[idx], labels[idx])
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return float(low), float(high)
+
+
 def thin_curve(x: np.ndarray, y: np.ndarray, max_points: int = 41) -> tuple[list[float], list[float]]:
     """At most ``max_points`` points of a monotone curve (for small JSON files), ends kept."""
     keep = np.unique(np.round(np.linspace(0, len(x) - 1, min(max_points, len(x)))).astype(int))
@@ -250,7 +271,7 @@ def evaluate_task(
     ensemble: Sequence[TinyKimi] = (),
     unseen: Task | None = None,
     layers: Sequence[int] | None = None,
-    cupid_layer: int | None = None,
+    cupid_layer: int = 1,
     drue_layers: tuple[int, int] | None = (0, None),
     n_examples: int = 500,
     fit_steps: int = 300,
@@ -264,13 +285,13 @@ def evaluate_task(
     """Evaluations 1, 2 and 4 for one base model and its task; the result dict is what ``<name>.json`` holds.
 
     ``layers``: CUPID sites of the layer sweep (default all, 0 … n_layers); ``cupid_layer``: the site whose scores
-    enter the main comparison (default n_layers, the final hidden state, where the CUPID repository inserts);
-    ``drue_layers``: DRUE's two sites (None as the second entry = n_layers; ``drue_layers=None`` skips DRUE).
+    enter the main comparison (default 1, layer 1's FFN output: the site an exploratory sweep on another draw of
+    the test problems favoured; the sweep reports every site); ``drue_layers``: DRUE's two sites (None as the
+    second entry = n_layers; ``drue_layers=None`` skips DRUE).
     """
     check_base_model(base)
     n_layers = base.cfg.n_layers
     layers = list(range(n_layers + 1)) if layers is None else list(layers)
-    cupid_layer = n_layers if cupid_layer is None else cupid_layer
     if cupid_layer not in layers:
         layers.append(cupid_layer)
     say = print if progress else (lambda *a, **k: None)
@@ -331,6 +352,7 @@ def evaluate_task(
     scorers, extra = build_scorers(base, ensemble, cupids[cupid_layer], drue, mc_passes=mc_passes)
     errors, ood, roc, costs = {}, {s.name: {} for s in ood_sets}, {"error": {}}, []
     roc |= {s.name: {} for s in ood_sets}
+    ood_scores: dict[str, dict[str, np.ndarray]] = {s.name: {} for s in ood_sets}  # set → score → [N_id + N_ood]
     for scorer in scorers:
         start = time.perf_counter()
         id_scores = score_set(scorer, id_set)
@@ -341,6 +363,7 @@ def evaluate_task(
             scores = np.r_[id_scores, score_set(scorer, s)]
             labels = np.r_[np.zeros(len(id_set)), np.ones(len(s))]
             ood[s.name][scorer.name] = auroc(scores, labels)
+            ood_scores[s.name][scorer.name] = scores
             roc[s.name][scorer.name] = thin_curve(*roc_curve(scores, labels))
         costs.append(cost_row(scorer, id_set, extra[scorer.name]))
         say(
@@ -352,11 +375,14 @@ def evaluate_task(
     for s in ood_sets:
         best = max(SINGLE_PASS, key=lambda k: ood[s.name][k])
         cupid_e = ood[s.name]["cupid_epistemic"]
+        labels = np.r_[np.zeros(len(id_set)), np.ones(len(s))]
+        low, high = auroc_difference_ci(ood_scores[s.name]["cupid_epistemic"], ood_scores[s.name][best], labels)
         target[s.name] = {
             "cupid_epistemic": cupid_e,
             "best_single_pass": best,
             "best_single_pass_auroc": ood[s.name][best],
             "met": cupid_e >= ood[s.name][best],
+            "difference_ci95": [low, high],
         }
     return {
         "task": task.spec(),
@@ -382,7 +408,8 @@ def evaluate_noise(
     model: TinyKimi,
     task: Task,
     *,
-    cupid_layer: int | None = None,
+    layers: Sequence[int] | None = None,
+    cupid_layer: int = 1,
     drue_layers: tuple[int, int] = (0, None),
     n_examples: int = 500,
     fit_steps: int = 300,
@@ -395,13 +422,13 @@ def evaluate_noise(
 ) -> dict:
     """Evaluation 3: Spearman's ρ between each score and the known label-noise rate, on test problems of ``task``
     (addition with ``label_noise`` > 0) answered by ``model`` (trained on that noisy data). CUPID and DRUE are fitted
-    on the same noisy training data."""
+    on the same noisy training data; CUPID at every site of ``layers`` (default all) for the layer sweep, the one at
+    ``cupid_layer`` entering the main comparison."""
     check_base_model(model)
     if getattr(task, "label_noise", 0.0) <= 0:
         raise ValueError(f"task: expected addition with label_noise > 0, got {task.spec()}")
     say = print if progress else (lambda *a, **k: None)
     n_layers = model.cfg.n_layers
-    cupid_layer = n_layers if cupid_layer is None else cupid_layer
     fit_args = {"hidden": hidden, "fit_steps": fit_steps, "fit_batch": fit_batch, "lr": lr, "seed": seed}
     data = answer_set(
         model,
@@ -410,12 +437,22 @@ def evaluate_noise(
         task=task,
         max_new_tokens=task.max_response_len() + 1,
     )
-    cupid, fit = _fit_cupid(model, task, cupid_layer, fit_args)
+    layers = list(range(n_layers + 1)) if layers is None else list(layers)
+    if cupid_layer not in layers:
+        layers.append(cupid_layer)
+    sweep, fits, cupids = {}, {}, {}
+    for layer in layers:
+        cupids[layer], fits[str(layer)] = _fit_cupid(model, task, layer, fit_args)
+        sweep[str(layer)] = {
+            kind: spearman(score_set(cupids[layer].scorer(kind), data), data.noise_rate)
+            for kind in ("aleatoric", "epistemic")
+        }
+        say(f"CUPID at site {layer}: Spearman ρ " + "  ".join(f"{k} {v:+.3f}" for k, v in sweep[str(layer)].items()))
     drue = DRUE(
         model, (drue_layers[0], n_layers if drue_layers[1] is None else drue_layers[1]), hidden=hidden, seed=seed
     )
     drue.fit(task_batches(task, fit_steps, fit_batch, seed), lr=lr)
-    scorers, _ = build_scorers(model, (), cupid, drue, mc_passes=mc_passes)
+    scorers, _ = build_scorers(model, (), cupids[cupid_layer], drue, mc_passes=mc_passes)
     levels = np.unique(data.noise_rate)
     rho, by_level = {}, {}
     for scorer in scorers:
@@ -428,8 +465,9 @@ def evaluate_noise(
         "n": len(data),
         "accuracy": 1.0 - float(data.errors.mean()),
         "cupid_layer": cupid_layer,
-        "fit": fit,
+        "fits": fits,
         "spearman": rho,
+        "layer_sweep": sweep,
         "noise_levels": levels.tolist(),
         "mean_score_by_level": by_level,
         "settings": {"n_examples": n_examples, "mc_passes": mc_passes} | fit_args,
@@ -464,15 +502,17 @@ def plot_task(result: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), dpi=70)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), dpi=60)
     panels = [("error", "error detection (id)")] + [(name, name) for name in result["ood_sets"][:1]]
     for ax, (key, title) in zip(axes[:2], panels, strict=False):
         for name, (fpr, tpr) in result["roc"][key].items():
             color, ls = _STYLE.get(name, ("k", "-"))
             ax.plot(fpr, tpr, ls, color=color, lw=1.2, label=name)
         ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        ax.set(title=f"ROC: {title}", xlabel="false-positive rate", ylabel="true-positive rate")
-    axes[0].legend(fontsize=6.5, loc="lower right")
+        empty = " (no wrong answers)" if not result["roc"][key] else ""
+        ax.set(title=f"ROC: {title}{empty}", xlabel="false-positive rate", ylabel="true-positive rate")
+    if result["roc"]["error"]:  # empty when the model got every answer right (or wrong)
+        axes[0].legend(fontsize=6.5, loc="lower right")
     names = list(result["ood_auroc"][result["ood_sets"][0]])
     width = 0.8 / len(result["ood_sets"])
     for k, set_name in enumerate(result["ood_sets"]):
@@ -541,11 +581,6 @@ def plot_noise(result: dict, path: str | Path) -> None:
 
 
 # --- command line ------------------------------------------------------------------------------------------------
-def _load(path: str) -> tuple[TinyKimi, Task]:
-    model, task = load_model(path)
-    return model, task
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nanokimi.uncertainty.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", help="checkpoint of the base model (its task is the in-distribution task)")
@@ -555,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="08_uncertainty/results/eval")
     p.add_argument("--name", help="file stem of the base evaluation (default: the task name)")
     p.add_argument("--layers", type=int, nargs="*", help="CUPID sites of the layer sweep (default all)")
-    p.add_argument("--cupid-layer", type=int, help="the CUPID site of the main comparison (default n_layers)")
+    p.add_argument("--cupid-layer", type=int, default=1, help="the CUPID site of the main comparison (default 1)")
     p.add_argument("--drue-layers", type=int, nargs=2, help="DRUE's two sites (default 0 and n_layers)")
     p.add_argument("--n", type=int, default=500, help="problems per evaluation set")
     p.add_argument("--fit-steps", type=int, default=300)
@@ -571,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.base is None and args.noisy is None:
-        print("error: nothing to evaluate: pass --base and/or --noisy")
+        print("error: nothing to evaluate: pass --base and/or --noisy", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -587,8 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     machine = {"torch": torch.__version__, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
     if args.base is not None:
-        base, task = _load(args.base)
-        ensemble = [_load(p)[0] for p in args.ensemble]
+        base, task = load_model(args.base)
+        ensemble = [load_model(p)[0] for p in args.ensemble]
         unseen_knobs = {"length": 6} if args.unseen in ("copy", "reverse") else {}
         result = evaluate_task(
             base,
@@ -606,8 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_task(result, out / f"{stem}.png")
         print(f"wrote {out / stem}.json and .png")
     if args.noisy is not None:
-        model, task = _load(args.noisy)
-        result = evaluate_noise(model, task, cupid_layer=args.cupid_layer, **common)
+        model, task = load_model(args.noisy)
+        result = evaluate_noise(model, task, layers=args.layers, cupid_layer=args.cupid_layer, **common)
         result |= {"checkpoint": args.noisy, "machine": machine}
         (out / "noise.json").write_text(json.dumps(result, indent=1) + "\n")
         plot_noise(result, out / "noise.png")

@@ -24,7 +24,16 @@ from nanokimi.uncertainty import (
     model_logits_fn,
     predictive_token_scores,
 )
-from nanokimi.uncertainty.evaluate import answer_set, evaluate_task, plot_task, reliability, score_set
+from nanokimi.uncertainty.evaluate import (
+    answer_set,
+    auroc_difference_ci,
+    evaluate_noise,
+    evaluate_task,
+    plot_task,
+    reliability,
+    score_set,
+)
+from nanokimi.uncertainty.evaluate import main as evaluate_main
 from nanokimi.uncertainty.sites import run_with_sites, site_module
 
 TOY = {"d_model": 32, "n_heads": 2, "n_layers": 2, "pattern": "KM", "d_ff": 64, "moe_d_ff": 32, "first_k_dense": 1}
@@ -80,6 +89,7 @@ def test_base_weights_bit_identical_after_training_cupid(layer):
     plugin_before = [p.detach().clone() for p in cupid.parameters()]
     history = cupid.fit(token_batches(3, 3, 13), lr=1e-2)
     assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
+    cupid.loss(token_batches(1, 3, 13, seed=5)[0])[0].backward()  # outside fit too: no gradient reaches the base
     assert_bit_identical(base, before)
     assert any(not torch.equal(p, q) for p, q in zip(cupid.parameters(), plugin_before, strict=True)), (
         "plug-in did not train"
@@ -187,7 +197,7 @@ def test_scores_only_read_the_answer_and_what_precedes_it():
         DRUE(base, (0, 1), hidden=8).scorer(),
         MCDropoutScorer(base, 0.2, 2),
     ):
-        assert_close(scorer.name, scorer.score(changed, mask), scorer.score(x, mask), rtol_rel=1e-5)
+        assert torch.equal(scorer.score(changed, mask), scorer.score(x, mask)), scorer.name
 
 
 def test_mc_dropout_is_seeded_and_perturbs():
@@ -211,6 +221,17 @@ def test_predictive_scores_hand_made():
     same = logits[:1].repeat(3, 1)  # unanimous members: no mutual information
     assert float(predictive_token_scores(same, "mutual_info")) == 0.0
     assert float(predictive_token_scores(same, "entropy")) == pytest.approx(h_member, rel=1e-14)
+
+
+def test_auroc_difference_interval():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(200), np.ones(200)]
+    noise = rng.normal(size=400)
+    assert auroc_difference_ci(noise, noise, labels, n_boot=50) == (0.0, 0.0)  # paired: identical scores, no spread
+    low, high = auroc_difference_ci(labels + 0.5 * noise, noise, labels, n_boot=200)
+    assert 0 < low < high  # a separating score beats noise; the interval excludes 0
+    with pytest.raises(ValueError, match="labels: expected both classes"):
+        auroc_difference_ci(noise, noise, np.zeros(400))
 
 
 def test_reliability_hand_made():
@@ -243,6 +264,7 @@ def test_evaluate_task_smoke(tmp_path):
         make_task("add", digits=2),
         ensemble=[tiny_model(1)],
         layers=[2],
+        cupid_layer=2,
         n_examples=12,
         fit_steps=2,
         fit_batch=4,
@@ -270,6 +292,28 @@ def test_evaluate_task_smoke(tmp_path):
     json.dumps(result)  # what evaluate writes must be JSON
     plot_task(result, tmp_path / "eval.png")
     assert (tmp_path / "eval.png").stat().st_size > 0
+
+
+def test_evaluate_noise_smoke():
+    base = tiny_model()
+    knobs = dict(layers=[2], cupid_layer=2, n_examples=16, fit_steps=2, fit_batch=4, hidden=8, mc_passes=2)
+    result = evaluate_noise(base, make_task("add", digits=2, label_noise=0.5), progress=False, **knobs)
+    assert set(result["spearman"]) == {
+        "msp",
+        "entropy",
+        "energy",
+        "mc_dropout_entropy",
+        "mc_dropout_mutual_info",
+        "cupid_aleatoric",
+        "cupid_epistemic",
+        "drue",
+    }
+    assert all(-1 <= v <= 1 for v in result["spearman"].values())
+    assert set(result["layer_sweep"]["2"]) == {"aleatoric", "epistemic"}
+    assert len(result["noise_levels"]) == len(result["mean_score_by_level"]["drue"])
+    json.dumps(result)
+    with pytest.raises(ValueError, match="task: expected addition with label_noise > 0"):
+        evaluate_noise(base, make_task("add", digits=2), progress=False, **knobs)
 
 
 def test_answer_set_verifies_greedy_answers():
@@ -320,6 +364,7 @@ def test_bad_input():
         cupid.fit([])
     with pytest.raises(ValueError, match="expected at least one value, got an empty array"):
         auroc([], [])
+    assert evaluate_main([]) == 2  # the command line with nothing to evaluate
     # wrong tokens and masks
     with pytest.raises(TypeError, match="inputs: expected dtype in"):
         cupid.scores(torch.zeros(2, 5))
