@@ -61,7 +61,14 @@ from nanokimi.muon import MuonWithAdamW, muon_param_groups
 from nanokimi.rl.curriculum import Curriculum
 from nanokimi.rl.loss import grpo_loss, k15_loss, length_reward
 from nanokimi.rl.rollout import Group, Response, advance_rollouts, load_policy, response_logprobs, response_seed
-from nanokimi.train import CKPT_FORMAT, StopFlag, atomic_write_bytes, load_checkpoint
+from nanokimi.train import (
+    CKPT_FORMAT,
+    StopFlag,
+    add_task_knob_arguments,
+    atomic_write_bytes,
+    load_checkpoint,
+    task_knobs_from_args,
+)
 
 __all__ = ["RLConfig", "METHODS", "train_rl", "evaluate_policy", "group_rewards", "main", "build_parser"]
 
@@ -554,11 +561,6 @@ def _level_name(task: Task, levels: list[Task]) -> str:
 
 
 # --- command line ---------------------------------------------------------------------------------------------
-def _parse_scratchpad(text: str):
-    levels = tuple(int(v) for v in text.split(","))
-    return levels[0] if len(levels) == 1 else levels
-
-
 def _parse_ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
@@ -601,24 +603,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--no-progress", action="store_true")
-    task = p.add_argument_group("task knobs (override the checkpoint's)")
-    task.add_argument("--digits", type=int)
-    task.add_argument("--reverse", action="store_true", default=None)
-    task.add_argument("--scratchpad", type=_parse_scratchpad, help="verbosity 0, 1 or 2, or a list such as 0,1,2")
-    task.add_argument("--label-noise", type=float)
-    task.add_argument("--pairs", type=int)
-    task.add_argument("--queries", type=int)
-    task.add_argument("--gap", type=int)
-    task.add_argument("--length", type=int)
+    add_task_knob_arguments(p, "task knobs (override the checkpoint's)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> RLConfig:
-    knob_names = ("digits", "reverse", "scratchpad", "label_noise", "pairs", "queries", "gap", "length")
     return RLConfig(
         init=args.init,
         task=args.task,
-        task_knobs={k: getattr(args, k) for k in knob_names if getattr(args, k) is not None},
+        task_knobs=task_knobs_from_args(args),
         curriculum=args.curriculum,
         stage_iters=args.stage_iters,
         method=args.method,

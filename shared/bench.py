@@ -31,6 +31,7 @@ __all__ = [
     "update_readme",
     "H100_BF16_TFLOPS",
     "H100_COPY_TBPS",
+    "fmt_value",
 ]
 
 # Ceilings measured on the project's H100 (torch 2.11, handbook §6): dense bf16 matmul at 8192³ and a
@@ -85,7 +86,8 @@ def gpu_slug(device_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "unknown"
 
 
-def _fmt(v: object) -> str:
+def fmt_value(v: object) -> str:
+    """A table cell: 3 significant digits (integers above 1000 in full), "–" for a missing value."""
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -205,7 +207,7 @@ def markdown_from_json(data: dict, columns: Sequence[str] = Table.columns) -> st
     )
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in data["rows"]:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt_value(r.get(c)) for c in cols) + " |")
     return head + "\n".join(lines)
 
 

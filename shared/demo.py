@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from nanokimi.bench import fmt_value as _fmt
+
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("pretrain", "rl", "serve", "uncertainty", "report")
 CONVERSATION_TRACE = REPO.parent / "shared" / "data" / "mooncake" / "conversation_trace.jsonl"
@@ -198,12 +200,6 @@ def _load(path: Path, stage: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
 def _scalars(d: dict, keys: list[str]) -> list[tuple[str, str]]:
     return [(k, _fmt(d[k])) for k in keys if k in d and not isinstance(d[k], dict | list)]
 
@@ -269,18 +265,6 @@ def report(s: Settings) -> tuple[str, list[tuple[str, str, str]]]:
     summary += [("serve", k, v) for k, v in eng_rows[:3] + sim_rows[:4]]
     summary += [("uncertainty", k, v) for k, v in unc_rows[:4]]
     return text, summary
-
-
-def _flatten(prefix: str, d: object, depth: int = 2) -> list[tuple[str, str]]:
-    """Scalar leaves of a nested dict as ``a.b.c`` rows (lists and deeper levels are left out)."""
-    if isinstance(d, dict) and depth >= 0:
-        rows: list[tuple[str, str]] = []
-        for k, v in d.items():
-            rows += _flatten(f"{prefix}.{k}" if prefix else str(k), v, depth - 1)
-        return rows
-    if isinstance(d, bool | int | float | str) or d is None:
-        return [(prefix, _fmt(d))]
-    return []
 
 
 def _rl_rows(rl: dict) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nanokimi.bench import _fmt
+from nanokimi.bench import fmt_value as _fmt
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

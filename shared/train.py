@@ -62,6 +62,8 @@ __all__ = [
     "main",
     "StopFlag",
     "atomic_write_bytes",
+    "add_task_knob_arguments",
+    "task_knobs_from_args",
 ]
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
@@ -563,6 +565,27 @@ def _parse_scratchpad(text: str):
     return levels[0] if len(levels) == 1 else levels
 
 
+TASK_KNOBS = ("digits", "reverse", "scratchpad", "label_noise", "pairs", "queries", "gap", "length")
+
+
+def add_task_knob_arguments(parser: argparse.ArgumentParser, title: str) -> None:
+    """The command-line flags of every task knob (``TASK_KNOBS``), as one argument group; all default to None."""
+    task = parser.add_argument_group(title)
+    task.add_argument("--digits", type=int)
+    task.add_argument("--reverse", action="store_true", default=None)
+    task.add_argument("--scratchpad", type=_parse_scratchpad, help="verbosity 0, 1 or 2, or a list such as 0,1,2")
+    task.add_argument("--label-noise", type=float)
+    task.add_argument("--pairs", type=int)
+    task.add_argument("--queries", type=int)
+    task.add_argument("--gap", type=int)
+    task.add_argument("--length", type=int)
+
+
+def task_knobs_from_args(args: argparse.Namespace) -> dict:
+    """The task knobs given on the command line (those left at None are not passed to the task)."""
+    return {k: getattr(args, k) for k in TASK_KNOBS if getattr(args, k) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nanokimi.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu-tiny", choices=list(PRESETS))
@@ -586,15 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch CPU threads per process")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    task = p.add_argument_group("task knobs (only those given are passed to the task)")
-    task.add_argument("--digits", type=int)
-    task.add_argument("--reverse", action="store_true", default=None)
-    task.add_argument("--scratchpad", type=_parse_scratchpad, help="verbosity 0, 1 or 2, or a list such as 0,1,2")
-    task.add_argument("--label-noise", type=float)
-    task.add_argument("--pairs", type=int)
-    task.add_argument("--queries", type=int)
-    task.add_argument("--gap", type=int)
-    task.add_argument("--length", type=int)
+    add_task_knob_arguments(p, "task knobs (only those given are passed to the task)")
     model = p.add_argument_group("model overrides (on top of the preset)")
     model.add_argument("--d-model", type=int)
     model.add_argument("--n-heads", type=int)
@@ -608,12 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    knob_names = ("digits", "reverse", "scratchpad", "label_noise", "pairs", "queries", "gap", "length")
     model_names = ("d_model", "n_heads", "n_layers", "pattern", "residual", "ffn", "backend", "tie_embeddings")
     return TrainConfig(
         preset=args.preset,
         task=args.task,
-        task_knobs={k: getattr(args, k) for k in knob_names if getattr(args, k) is not None},
+        task_knobs=task_knobs_from_args(args),
         model_overrides={k: getattr(args, k) for k in model_names if getattr(args, k) is not None},
         optimizer=args.optimizer,
         steps=args.steps,
