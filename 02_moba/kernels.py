@@ -32,8 +32,12 @@ Kernels and what one program computes (``BH = B·H``, ``n = ⌈T / B⌉`` blocks
 * ``_gate_kernel`` — grid (⌈Tq / BLOCK_M⌉, BH): scores of ``BLOCK_M`` queries against the past blocks' means
   (fp32; tf32x3 tensor-core dots on the GPU), a running top-(k−1) merged chunk by chunk of ``BLOCK_N`` blocks —
   each candidate packed into one int64 key (score bits, then the inverted block index) so one max per round
-  picks the best score and, on ties, the lower block — then, for the counting sort, each pair's rank among this
-  tile's pairs of the same block and the per-(block, tile) counts (integer atomics: order-free, deterministic).
+  picks the best score and, on ties, the lower block. ``BLOCK_M = 64`` with 4 warps makes each warp own 16 whole
+  rows of the score tile, so the k−1 row maxima per chunk are warp shuffles, not shared-memory round trips.
+* ``_rank_kernel`` — grid (⌈Tq / 32⌉, BH), one warp: the counting sort's bookkeeping for 32 rows. It sorts the
+  tile's 32·KP (query, block) pairs by one int32 key (block, row, slot) with ``tl.sort``; a pair's rank among the
+  tile's pairs of its block is its distance to the first pair of that block (an associative scan), and the
+  per-(block, tile) counts are integer atomics (order-free, deterministic).
 * ``_scatter_pairs_kernel`` — same grid: each pair's row in the pair buffers, the prefix sum of the counts over
   (bh, block, tile) plus its rank, so pairs are grouped by (bh, block) and ordered by query (deterministic).
 * ``_fwd_pairs_kernel`` — one program per tile of ``BLOCK_M`` gathered queries of one (bh, block): flash attention
@@ -76,7 +80,8 @@ MAX_HEAD_DIM = 256
 # block 512, top-8; see the chapter README). Under the interpreter the cost is per operation, not per element,
 # so it gets few, medium tiles.
 GPU_TILES = {
-    "gate": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "gate": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    "rank": {"BLOCK_M": 32, "num_warps": 1},
     "pairs": {"BLOCK_M": 64},  # gathered queries per pair tile; shared by the forward and dQ pair kernels
     "fwd_pairs": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     "fwd_self": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
@@ -86,6 +91,7 @@ GPU_TILES = {
 }
 INTERPRETER_TILES = {
     "gate": {"BLOCK_M": 32, "BLOCK_N": 16},
+    "rank": {"BLOCK_M": 32},
     "pairs": {"BLOCK_M": 32},
     "fwd_pairs": {"BLOCK_N": 16},
     "fwd_self": {"BLOCK_M": 32, "BLOCK_N": 32},
@@ -136,14 +142,11 @@ def _gate_kernel(
     q_ptr,
     kbar_ptr,
     sel_ptr,
-    rank_ptr,
-    hist_ptr,
     T_q,
     q_offset,
     H,
     n_blocks,
     block_size,
-    n_gate_tiles,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -191,24 +194,52 @@ def _gate_kernel(
             keys = tl.where(keys == top[:, None], none, keys)
         best = merged
     picked = 0x7FFFFFFF - (best & 0xFFFFFFFF).to(tl.int32)
-    sel = tl.where((best != none) & row_ok[:, None], picked, -1)  # [BM, KP] block ids, −1: no block
-
-    # Counting-sort bookkeeping: each pair's rank among the tile's earlier rows that picked the same block (a row
-    # holds a block at most once), and the tile's count per block (integer atomics: order-free, deterministic).
-    r_ids = tl.arange(0, BLOCK_M)
-    earlier = r_ids[None, None, :] < r_ids[:, None, None]  # [BM, 1, BM]: row m' comes before row m
-    rank = tl.zeros([BLOCK_M, KP], tl.int32)
-    for s2 in tl.static_range(KSEL):
-        other = tl.sum(tl.where(slot[None, :] == s2, sel, 0), axis=1)  # [BM] block in slot s2 of each row
-        same = sel[:, :, None] == other[None, None, :]  # [BM, KP, BM]
-        rank += tl.sum((same & earlier).to(tl.int32), axis=2)
-
-    store_ok = row_ok[:, None] & (slot[None, :] < KSEL)
+    sel = tl.where(best != none, picked, -1)  # [BM, KP] block ids, −1: no block
     offs = (bh * T_q + rows).to(tl.int64)[:, None] * KSEL + slot[None, :]
-    tl.store(sel_ptr + offs, sel, mask=store_ok)
-    tl.store(rank_ptr + offs, rank, mask=store_ok)
-    hist_offs = (bh * n_blocks + sel).to(tl.int64) * n_gate_tiles + tile  # hist[group, tile]
-    tl.atomic_add(hist_ptr + hist_offs, tl.full([BLOCK_M, KP], 1, tl.int32), mask=store_ok & (sel >= 0))
+    tl.store(sel_ptr + offs, sel, mask=row_ok[:, None] & (slot[None, :] < KSEL))
+
+
+@triton.jit
+def _same_block_first(a_block, a_first, b_block, b_first):
+    # Scan operator over a sorted sequence: carry the index of the first element of the current run of equal blocks.
+    return b_block, tl.where(a_block == b_block, a_first, b_first)
+
+
+@triton.jit
+def _rank_kernel(
+    sel_ptr,
+    rank_ptr,
+    hist_ptr,
+    T_q,
+    n_blocks,
+    n_rank_tiles,
+    KSEL: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # Counting-sort bookkeeping for BLOCK_M rows: sort the tile's BLOCK_M·KP pairs by (block, row, slot) — one int32
+    # key each — then a pair's rank among the tile's pairs of its block is its distance to the first pair of that
+    # block, and the tile's count per block is added to hist[group, tile] (integer atomics: order-free).
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    P: tl.constexpr = BLOCK_M * KP
+    flat = tl.arange(0, P)  # pair index m·KP + s inside the tile
+    rows = tile * BLOCK_M + flat // KP
+    slot = flat % KP
+    ok = (rows < T_q) & (slot < KSEL)
+    offs = (bh * T_q + rows).to(tl.int64) * KSEL + slot
+    sel = tl.load(sel_ptr + offs, mask=ok, other=-1)
+    keys = tl.where(ok & (sel >= 0), sel * P + flat, 0x7FFFFFFF)  # invalid pairs sort last
+    keys = tl.sort(keys)
+    block = keys // P
+    pair = keys % P
+    _, first = tl.associative_scan((block, flat), 0, _same_block_first)
+    valid = keys != 0x7FFFFFFF
+    rows_s = tile * BLOCK_M + pair // KP
+    offs_s = (bh * T_q + rows_s).to(tl.int64) * KSEL + pair % KP
+    tl.store(rank_ptr + offs_s, flat - first, mask=valid)
+    cell = (bh * n_blocks + block).to(tl.int64) * n_rank_tiles + tile
+    tl.atomic_add(hist_ptr + cell, tl.full([P], 1, tl.int32), mask=valid)
 
 
 @triton.jit
@@ -221,7 +252,7 @@ def _scatter_pairs_kernel(
     pair_query_ptr,
     T_q,
     n_blocks,
-    n_gate_tiles,
+    n_rank_tiles,
     KSEL: tl.constexpr,
     KP: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -235,8 +266,8 @@ def _scatter_pairs_kernel(
     sel = tl.load(sel_ptr + offs, mask=ok, other=-1)
     rank = tl.load(rank_ptr + offs, mask=ok, other=0)
     valid = ok & (sel >= 0)
-    # Pairs are laid out by (group, gate tile): this tile's segment of group g starts at the exclusive prefix sum.
-    cell = (bh * n_blocks + sel).to(tl.int64) * n_gate_tiles + tile
+    # Pairs are laid out by (group, rank tile): this tile's segment of group g starts at the exclusive prefix sum.
+    cell = (bh * n_blocks + sel).to(tl.int64) * n_rank_tiles + tile
     segment_start = tl.load(hist_incl_ptr + cell, mask=valid, other=0) - tl.load(hist_ptr + cell, mask=valid, other=0)
     pos = segment_start + rank
     tl.store(pair_pos_ptr + offs, tl.where(valid, pos, -1), mask=ok)
@@ -747,7 +778,7 @@ class GatherPlan:
 
 
 def _gate(q: torch.Tensor, k: torch.Tensor, block_size: int, ksel: int):
-    """Run the gating kernels: top-``ksel`` past blocks per query, plus the counting-sort ranks and counts."""
+    """Run the gating kernels: block means, then the top-``ksel`` past blocks per query ``[BH, Tq, ksel]``."""
     B, Tq, H, D = q.shape
     T = k.shape[1]
     BH, n_blocks = B * H, -(-T // block_size)
@@ -764,22 +795,16 @@ def _gate(q: torch.Tensor, k: torch.Tensor, block_size: int, ksel: int):
         CHUNK=16 if interpreting() else 64,
     )
     cfg = _tiles("gate")
-    n_gate_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
     sel = torch.empty(BH, Tq, ksel, device=q.device, dtype=torch.int32)
-    rank = torch.empty_like(sel)
-    hist = torch.zeros(BH * n_blocks, n_gate_tiles, device=q.device, dtype=torch.int32)
-    _gate_kernel[(n_gate_tiles, BH)](
+    _gate_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), BH)](
         q,
         kbar,
         sel,
-        rank,
-        hist,
         Tq,
         T - Tq,
         H,
         n_blocks,
         block_size,
-        n_gate_tiles,
         *q.stride()[:3],
         KSEL=ksel,
         KP=max(2, triton.next_power_of_2(ksel)),
@@ -787,13 +812,13 @@ def _gate(q: torch.Tensor, k: torch.Tensor, block_size: int, ksel: int):
         PRECISION="ieee" if interpreting() else "tf32x3",
         **cfg,
     )
-    return sel, rank, hist
+    return sel
 
 
 def _plan(q: torch.Tensor, k: torch.Tensor, block_size: int, ksel: int) -> GatherPlan:
     """Gate, then counting-sort the (query, past block) pairs by group ``(bh, block)`` into the gather plan.
 
-    ``hist[g, tile]`` counts the pairs of group g found by gate tile ``tile``; one flat prefix sum over
+    ``hist[g, tile]`` counts the pairs of group g found by rank tile ``tile``; one flat prefix sum over
     ``[group, tile]`` gives every (group, tile) segment its first row, and each pair adds its rank inside the tile.
     """
     B, Tq, H, _ = q.shape
@@ -803,14 +828,19 @@ def _plan(q: torch.Tensor, k: torch.Tensor, block_size: int, ksel: int) -> Gathe
         raise ValueError(
             f"q: B·H·Tq·(topk−1) = {n_pairs_max} pairs exceeds the kernel's int32 pair index; shorten the input"
         )
-    sel, rank, hist = _gate(q, k, block_size, ksel)
-    hist_incl = hist.view(-1).cumsum(0, dtype=torch.int32).view_as(hist)  # [G, n_gate_tiles] inclusive
+    sel = _gate(q, k, block_size, ksel)
+    KP = max(2, triton.next_power_of_2(ksel))
+    cfg = _tiles("rank")
+    n_rank_tiles = triton.cdiv(Tq, cfg["BLOCK_M"])
+    rank = torch.empty_like(sel)
+    hist = torch.zeros(BH * n_blocks, n_rank_tiles, device=q.device, dtype=torch.int32)
+    _rank_kernel[(n_rank_tiles, BH)](sel, rank, hist, Tq, n_blocks, n_rank_tiles, KSEL=ksel, KP=KP, **cfg)
+    hist_incl = hist.view(-1).cumsum(0, dtype=torch.int32).view_as(hist)  # [G, n_rank_tiles] inclusive
     group_start = (hist_incl[:, 0] - hist[:, 0]).contiguous()  # [G]
     group_count = (hist_incl[:, -1] - group_start).contiguous()
     pair_pos = torch.empty_like(sel)
     pair_query = torch.empty(max(n_pairs_max, 1), device=q.device, dtype=torch.int32)
-    gate_m = _tiles("gate")["BLOCK_M"]
-    _scatter_pairs_kernel[(triton.cdiv(Tq, gate_m), BH)](
+    _scatter_pairs_kernel[(n_rank_tiles, BH)](
         sel,
         rank,
         hist,
@@ -819,10 +849,10 @@ def _plan(q: torch.Tensor, k: torch.Tensor, block_size: int, ksel: int) -> Gathe
         pair_query,
         Tq,
         n_blocks,
-        hist.shape[1],
+        n_rank_tiles,
         KSEL=ksel,
-        KP=max(2, triton.next_power_of_2(ksel)),
-        BLOCK_M=gate_m,
+        KP=KP,
+        BLOCK_M=cfg["BLOCK_M"],
     )
     pair_m = _tiles("pairs")["BLOCK_M"]
     tiles_per_group = (group_count + pair_m - 1) // pair_m
@@ -854,7 +884,7 @@ def moba_gate_triton(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: in
     mask[:, :, torch.arange(Tq, device=q.device), current] = True
     ksel = min(topk - 1, n_blocks - 1)
     if ksel > 0:
-        sel, _, _ = _gate(q, k, block_size, ksel)
+        sel = _gate(q, k, block_size, ksel)
         index = torch.where(sel >= 0, sel, n_blocks).long().view(B, H, Tq, ksel)
         mask.scatter_(-1, index, True)
     return mask[..., :n_blocks]
