@@ -6,7 +6,9 @@
 Columns: ``tflops`` counts the FLOPs our kernels execute (one triangle of each symmetric product,
 ``3r²k + r³`` per step); ``roofline_frac`` divides that by the measured dense bf16 ceiling (771 TFLOP/s);
 ``sym_bound_frac`` is the speedup over the anchor divided by the symmetric bound ``(4e + 2)/(3e + 1)`` — 1.0 means
-every saved FLOP turned into saved time at the anchor's efficiency.
+every saved FLOP turned into saved time at the anchor's efficiency. It can exceed 1: the anchor also spends time
+outside its matmuls (the separate ``b·A + c·A²`` and ``a·X + B·X`` passes, the normalisation), which our fused
+epilogues do not.
 """
 
 from __future__ import annotations

@@ -213,6 +213,56 @@ def test_kernel_bad_inputs(device):
         newton_schulz_triton(X, eps=0.0)
 
 
+# --- the tensor-descriptor (TMA) kernels: persistent, one program per upper-triangle tile in turn ---------------
+def tma_rows(device: torch.device) -> int:
+    return 16 if device.type == "cpu" else 128  # the TMA configs' row tile: the interpreter's, the H100's
+
+
+@pytest.mark.parametrize("batch,tiles,k", [(1, 3, 40), (2, 2, 56), (3, 1, 8)])
+def test_gram_tma_path(device, batch, tiles, k):
+    # k = 40, 56: the last K slice is cut by the descriptor's edge (zero-filled); 3 programs share 6 tiles on CPU
+    m = tiles * tma_rows(device)
+    X = randn(batch, m, k, seed=16, device=device, dtype=compute_dtype())
+    out = poisoned_like(torch.empty(batch, m, m, device=device, dtype=X.dtype))
+    gram_triton(X, out=out, tma=True)
+    assert_close("X Xᵀ (TMA)", out, X.double() @ X.double().mT, rtol_rel=tol(device, 1e-6, 4e-3))
+    assert torch.equal(out, out.mT), "diagonal tiles symmetrised, off-diagonal tiles mirrored: exactly symmetric"
+    fused = poisoned_like(out)
+    gram_triton(out, alpha=C_, Y=out, beta=B_, out=fused, tma=True)
+    Ad = out.double()
+    assert_close("b·A + c·A·A (TMA)", fused, B_ * Ad + C_ * Ad @ Ad, rtol_rel=tol(device, 1e-6, 4e-3))
+    assert torch.equal(fused, fused.mT)
+
+
+@pytest.mark.parametrize("batch,tiles,n", [(1, 2, 40), (2, 1, 104)])
+def test_poly_tma_path(device, batch, tiles, n):
+    m = tiles * tma_rows(device)
+    B = randn(batch, m, m, seed=17, device=device, dtype=compute_dtype())
+    X = randn(batch, m, n, seed=18, device=device, dtype=compute_dtype())
+    out = poisoned_like(X)
+    poly_apply_triton(B, X, a=A_, out=out, tma=True)
+    want = A_ * X.double() + B.double() @ X.double()
+    assert_close("a·X + B·X (TMA)", out, want, rtol_rel=tol(device, 1e-6, 4e-3))
+
+
+def test_newton_schulz_tma_and_pointer_paths(device):
+    G = randn(2, 2 * tma_rows(device), 72, seed=19, device=device)
+    want = newton_schulz(G.double())
+    for tma in (True, False):
+        out = newton_schulz_triton(G, tma=tma)
+        assert_close(f"NS tma={tma}", out, want, rtol_rel=tol(device, 1e-5), atol=tol(device, 1e-5))
+
+
+def test_tma_path_bad_inputs(device):
+    rows = tma_rows(device)
+    with pytest.raises(ValueError, match=f"tma: expected rows divisible by {rows}"):
+        gram_triton(randn(1, rows + 1, 16, seed=20, device=device, dtype=compute_dtype()), tma=True)
+    with pytest.raises(ValueError, match="tma: expected rows divisible"):  # tall: iterated as a transposed view
+        newton_schulz_triton(randn(3 * rows, rows, seed=21, device=device), tma=True)
+    with pytest.raises(ValueError, match="block: applies to the pointer path only"):
+        gram_triton(randn(1, rows, 16, seed=22, device=device, dtype=compute_dtype()), block=(16, 16, 16), tma=True)
+
+
 # --- the optimizer --------------------------------------------------------------------------------------------
 SHAPES = [(24, 40), (40, 24), (3, 16, 24)]
 
@@ -560,24 +610,35 @@ def test_gpu_newton_schulz_bf16_matches_reference(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tma", [None, False])
 @pytest.mark.parametrize("m,k", [(4096, 4096), (129, 1000), (1, 64)])
-def test_gpu_gram_bf16_symmetric(m, k):
+def test_gpu_gram_bf16_symmetric(m, k, tma):
     X = randn(2, m, k, seed=61, device="cuda", dtype=torch.bfloat16)
     out = poisoned_like(torch.empty(2, m, m, device="cuda", dtype=torch.bfloat16))
-    gram_triton(X, out=out)
+    gram_triton(X, out=out, tma=tma)  # None: the TMA kernel at 4096, the pointer kernel at 129 and 1 rows
     assert torch.equal(out, out.mT)
     # fp32 accumulation, one bf16 rounding of the output: ≤ 2⁻⁸ relative per element
     assert_close("X Xᵀ bf16", out, X.double() @ X.double().mT, rtol_rel=4e-3)
 
 
 @pytest.mark.gpu
-def test_gpu_large_batch_offsets_use_int64():
+@pytest.mark.parametrize("tma", [True, False])
+def test_gpu_large_batch_offsets_use_int64(tma):
     # 2100 matrices of 1024² bf16: batch·stride > 2³¹, the last matrix must still be right
     G = randn(1024, 1024, seed=62, device="cuda", dtype=torch.bfloat16).expand(2100, 1024, 1024).clone()
     G[-1] = randn(1024, 1024, seed=63, device="cuda", dtype=torch.bfloat16)
-    out = newton_schulz_triton(G)
+    out = newton_schulz_triton(G, tma=tma)
     assert_close("last matrix", out[-1], newton_schulz(G[-1].float()), rtol_rel=2e-2, atol=2e-2)
     assert_close("first matrix", out[0], newton_schulz(G[0].float()), rtol_rel=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (3, 512, 768)])
+@pytest.mark.parametrize("tma", [True, False])
+def test_gpu_newton_schulz_tma_and_pointer_paths(shape, tma):
+    G = randn(*shape, seed=64, device="cuda", dtype=torch.bfloat16)
+    out = newton_schulz_triton(G, tma=tma)
+    assert_close(f"NS bf16 tma={tma}", out, newton_schulz(G.float()), rtol_rel=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
