@@ -225,11 +225,18 @@ def _fwd_solve_kernel(
 # Sequential kernels: one program per (batch·head, V-block), so B·H·V/BV programs walk the chunks in lock-step;
 # smaller BV gives more programs (the walk is latency-bound); 8 warps hold the prefetched tiles without
 # spilling (4 warps spill 1-2 KB per thread with ptxas for sm_90a).
-_SEQ_CONFIGS = [
+_FWD_SEQ_CONFIGS = [
     triton.Config({"BV": 16}, num_warps=8, num_stages=1),
     triton.Config({"BV": 32}, num_warps=8, num_stages=1),
     triton.Config({"BV": 64}, num_warps=8, num_stages=1),
 ]
+# No BV=16 for the backward: with K=128 and bf16, the ptxas of Triton 3.6 (CUDA 12.8) builds the shared-memory
+# descriptors of the last wgmma of ``dS ← … − Wᵀ dΔ`` (its B operand, dΔ, k-steps 1-3) from an unrelated
+# register (a global pointer's high word), so the wgmma reads shared memory out of bounds: compute-sanitizer
+# flags it and the gradients depend on whatever that memory held. The PTX is correct; BV=32 and 64 compile
+# correctly (every wgmma descriptor traced in the SASS for K ∈ {32, 64, 128, 256}, H ∈ {1, 2, 3, 16},
+# bf16/fp16/fp32; compute-sanitizer clean on the H100 at K=V=128, bf16).
+_BWD_SEQ_CONFIGS = _FWD_SEQ_CONFIGS[1:]
 
 
 def _prune_small(configs, named_args, **kwargs):
@@ -265,7 +272,7 @@ def _seq_tiles(
 
 
 @triton.autotune(
-    configs=autotune_configs(_SEQ_CONFIGS),
+    configs=autotune_configs(_FWD_SEQ_CONFIGS),
     key=["H", "K", "V", "C", "BK"],
     prune_configs_by={"early_config_prune": _prune_small},
 )
@@ -338,7 +345,7 @@ def _fwd_state_kernel(
 
 
 @triton.autotune(
-    configs=autotune_configs(_SEQ_CONFIGS),
+    configs=autotune_configs(_BWD_SEQ_CONFIGS),
     key=["H", "K", "V", "C", "BK"],
     prune_configs_by={"early_config_prune": _prune_small},
 )

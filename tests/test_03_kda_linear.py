@@ -342,39 +342,89 @@ def _sequential_reference(w, u, qg, kg, aqk, gc, h0, do, dht, C):
     return seq(o), S, torch.stack(hs, 1), seq(delta), torch.stack(dhs, 1), seq(ddelta), dS
 
 
-@pytest.mark.parametrize("config", kda_kernels._SEQ_CONFIGS, ids=lambda c: f"BV{c.kwargs['BV']}")
-def test_sequential_kernel_configs_stay_in_bounds(config, device, monkeypatch):
+def _launch_sequential(kernel, config, B, T, H, K, V, C, BK, dtype, device, alloc, prec):
+    """Launch one sequential kernel directly with one autotune config on random inputs (made by ``alloc`` too, so
+    guards or fills surround them) and return (outputs, the fp64 torch reference of the same outputs)."""
+    NT = -(-T // C)
+    rnd = lambda *shape, seed, std=0.5: alloc.holding((std * randn(*shape, seed=seed, device=device)).to(dtype))
+    # W, qg, kg at the scale of L2-normalised keys, so the state walk stays bounded over many chunks (random
+    # O(1) entries make S grow ~1e18 over 16 chunks and bf16 rounding then dominates any comparison).
+    w, qg, kg = (rnd(B, T, H, K, seed=i, std=0.5 * K**-0.5) for i in range(3))
+    u, do = rnd(B, T, H, V, seed=3), rnd(B, T, H, V, seed=4)
+    aqk = rnd(B, T, H, C, seed=5)
+    gc = alloc.holding(-rand(B, T, H, K, seed=6, device=device))
+    h0, dht = (alloc.holding(0.5 * randn(B, H, K, V, seed=s, device=device)) for s in (7, 8))
+    expected = _sequential_reference(*(t.double() for t in (w, u, qg, kg, aqk, gc, h0, do, dht)), C)
+    meta = dict(BV=config.kwargs["BV"], num_warps=config.num_warps, num_stages=config.num_stages)
+    grid = (triton.cdiv(V, meta["BV"]), B * H)
+    shapes = dict(H=H, K=K, V=V, C=C, BK=BK, PREC=prec)
+    if kernel == "fwd":
+        o, delta = (alloc(B, T, H, V, dtype=dtype, device=device) for _ in range(2))
+        hs = alloc(B, NT, H, K, V, dtype=dtype, device=device)
+        ht = alloc(B, H, K, V, dtype=torch.float32, device=device)
+        kda_kernels._fwd_state_kernel.fn[grid](
+            w, u, qg, kg, aqk, gc, h0, o, hs, delta, ht, T, NT, HAS_H0=True, STORE_HT=True, SAVE=True, **shapes, **meta
+        )
+        return {"o": o, "S_T": ht, "hs": hs, "delta": delta}, dict(
+            zip(("o", "S_T", "hs", "delta"), expected[:4], strict=True)
+        )
+    ddelta = alloc(B, T, H, V, dtype=dtype, device=device)
+    dhs = alloc(B, NT, H, K, V, dtype=dtype, device=device)
+    dh0 = alloc(B, H, K, V, dtype=torch.float32, device=device)
+    kda_kernels._bwd_state_kernel.fn[grid](
+        qg, kg, w, aqk, gc, do, dht, dhs, ddelta, dh0, T, NT, HAS_DHT=True, HAS_DH0=True, **shapes, **meta
+    )
+    return {"dhs": dhs, "ddelta": ddelta, "dh0": dh0}, dict(zip(("dhs", "ddelta", "dh0"), expected[4:], strict=True))
+
+
+SEQ_CASES = [("fwd", c) for c in kda_kernels._FWD_SEQ_CONFIGS] + [("bwd", c) for c in kda_kernels._BWD_SEQ_CONFIGS]
+SEQ_IDS = [f"{kernel}-BV{c.kwargs['BV']}" for kernel, c in SEQ_CASES]
+
+
+@pytest.mark.parametrize(("kernel", "config"), SEQ_CASES, ids=SEQ_IDS)
+def test_sequential_kernel_configs_stay_in_bounds(kernel, config, device, monkeypatch):
     """Each autotune config of the two sequential kernels (the interpreter's autotuner runs only the first),
     launched directly with every buffer inside NaN guards: B·H > 1, three chunks with a partial last one,
     K < BK, V not a multiple of BV; under the interpreter every load and store address is checked as well."""
     B, T, H, K, V, C = 2, 40, 2, 24, 40, 16
-    NT, BK = -(-T // C), 32
     guarded = _GuardedAlloc(guard=C * H * max(K, V, C))  # a whole chunk of rows past either end stays inside
-    rnd = lambda *shape, seed: guarded.holding(0.5 * randn(*shape, seed=seed, device=device))
-    w, qg, kg = (rnd(B, T, H, K, seed=i) for i in range(3))
-    u, do = rnd(B, T, H, V, seed=3), rnd(B, T, H, V, seed=4)
-    aqk = rnd(B, T, H, C, seed=5)
-    gc = guarded.holding(-rand(B, T, H, K, seed=6, device=device))
-    h0, dht = rnd(B, H, K, V, seed=7), rnd(B, H, K, V, seed=8)
-    o, delta, ddelta = (guarded(B, T, H, V, dtype=torch.float32, device=device) for _ in range(3))
-    hs, dhs = (guarded(B, NT, H, K, V, dtype=torch.float32, device=device) for _ in range(2))
-    ht, dh0 = (guarded(B, H, K, V, dtype=torch.float32, device=device) for _ in range(2))
     guarded.check_accesses(monkeypatch)
-    meta = dict(BV=config.kwargs["BV"], num_warps=config.num_warps, num_stages=config.num_stages)
-    grid = (triton.cdiv(V, meta["BV"]), B * H)
-    shapes = dict(H=H, K=K, V=V, C=C, BK=BK, PREC="ieee")
-    kda_kernels._fwd_state_kernel.fn[grid](
-        w, u, qg, kg, aqk, gc, h0, o, hs, delta, ht, T, NT, HAS_H0=True, STORE_HT=True, SAVE=True, **shapes, **meta
-    )
-    kda_kernels._bwd_state_kernel.fn[grid](
-        qg, kg, w, aqk, gc, do, dht, dhs, ddelta, dh0, T, NT, HAS_DHT=True, HAS_DH0=True, **shapes, **meta
-    )
+    got, expected = _launch_sequential(kernel, config, B, T, H, K, V, C, 32, torch.float32, device, guarded, "ieee")
     assert not guarded.stray, f"accesses outside every buffer (kind, address): {guarded.stray[:5]}"
     assert guarded.guards_untouched(), "a kernel wrote outside its buffer"
-    expected = _sequential_reference(*(t.double() for t in (w, u, qg, kg, aqk, gc, h0, do, dht)), C)
-    names = ("o", "S_T", "hs", "delta", "dhs", "ddelta", "dh0")
-    for name, out, ref in zip(names, (o, ht, hs, delta, dhs, ddelta, dh0), expected, strict=True):
-        assert_close(name, out, ref, 1e-5)
+    for name, out in got.items():
+        assert_close(name, out, expected[name], 1e-5)
+
+
+class _FilledAlloc(_GuardedAlloc):
+    """Buffers filled with one value (no guards): results must not depend on what the memory held before."""
+
+    def __init__(self, fill: float):
+        super().__init__(guard=0)
+        self.fill = fill
+
+    def __call__(self, *shape, dtype, device):
+        return torch.full(shape, self.fill, dtype=dtype, device=device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("kernel", "config"), SEQ_CASES, ids=SEQ_IDS)
+@pytest.mark.parametrize("H", [2, 16])
+def test_gpu_sequential_kernel_configs_bf16_k128(kernel, config, H):
+    """Every config compiled at the benchmark's head size (K=V=128, bf16, chunk 64, T=1000 so the last chunk is
+    partial): output buffers zero-filled and NaN-filled give the same finite result, close to fp64 torch. (A
+    miscompiled wgmma that reads stray shared memory, as ptxas 12.8 produced for the backward at BV=16, fails
+    here; a CPU interpreter test cannot see it.)"""
+    B, T, K, C = 1, 1000, 128, 64
+    runs = [
+        _launch_sequential(kernel, config, B, T, H, K, K, C, K, torch.bfloat16, "cuda", _FilledAlloc(fill), "tf32")
+        for fill in (0.0, float("nan"))
+    ]
+    (zero_filled, expected), (nan_filled, _) = runs
+    for name, out in zero_filled.items():
+        assert bool(torch.isfinite(out).all()), f"{name}: non-finite values with zero-filled buffers"
+        assert torch.equal(out, nan_filled[name]), f"{name}: depends on what the output buffers held"
+        assert_close(name, out, expected[name], 1e-2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -547,6 +597,23 @@ def test_gpu_chunk_fwd_bwd(dtype, T, K):
     assert_close("S_T", s, s_ref, tol["S_T"])
     for name in got:
         assert_close(f"d{name}", got[name], ref[name], tol[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H", [2, 16])
+def test_gpu_chunk_bwd_does_not_depend_on_buffer_contents(H, monkeypatch):
+    """fwd + bwd with every launcher buffer zero-filled, then NaN-filled: identical and finite (T=1100 and H=16
+    autotune every config; K=128 bf16 is the benchmark's shape)."""
+    inputs = make_inputs(1, 1100, H, 128, 128, seed=3, device="cuda")
+    inputs = [t.bfloat16() for t in inputs[:5]] + [inputs[5].float()]
+    results = []
+    for fill in (0.0, float("nan")):
+        monkeypatch.setattr(kda_kernels, "_alloc", _FilledAlloc(fill))
+        o, s, got = run_with_grads(kda_chunk_triton, inputs, use_h0=True)
+        results.append({"o": o, "S_T": s, **{f"d{n}": g for n, g in got.items()}})
+    for name, out in results[0].items():
+        assert bool(torch.isfinite(out).all()), f"{name}: non-finite with zero-filled buffers"
+        assert torch.equal(out, results[1][name]), f"{name}: depends on what the buffers held"
 
 
 @pytest.mark.gpu
