@@ -1,15 +1,17 @@
-"""Benchmark: ``python -m nanokimi.attnres.bench`` (GPU). Anchors are timed in the same run.
+"""Benchmark: ``python -m nanokimi.attnres.bench [--stream]`` (GPU). Anchors are timed in the same run.
 
 Shapes (issue 6): L = 32 sublayers, block 8, B·T = 16384 tokens, D = 2048, bf16, forward and forward+backward.
 
 * phase 1 — N = 5 sources (embedding + 4 blocks: the last block's phase 1), S = 8 queries;
 * phase 2 — one online merge;
-* whole stream — the depth mixing of a 32-sublayer Block AttnRes stack (identity sublayers, so only the residual
-  machinery is timed): ours is ``ResidualStream("block", backend="triton")``; the anchors run the textbook
-  two-phase loop (stack the blocks, phase 1 per block, a merge per sublayer) on their own phase kernels;
 * training-step overhead — fwd+bwd of L = 32 pre-norm SwiGLU sublayers (D = 2048, d_ff = 5632, 16384 tokens,
-  bf16) with each residual mode. TinyKimi does not exist yet; this stack stands in for it (its sublayers are all
-  MLPs, so the residual share is what a model with attention sublayers would pay at most per sublayer FLOP).
+  bf16) with each residual mode. This stack stands in for a GPU-size TinyKimi: a TinyKimi step would compile every
+  chapter's kernels (KDA, MoBA, MoE) as well, which does not fit one device call together with these rows;
+* whole stream (only with ``--stream``, about a minute more) — the depth mixing of a 32-sublayer Block AttnRes
+  stack (identity sublayers, so only the residual machinery is timed): ours is
+  ``ResidualStream("block", backend="triton")``; the anchors run the textbook two-phase loop (stack the blocks,
+  phase 1 per block, a merge per sublayer) on their own phase kernels (eager torch and flash-attn-res;
+  torch.compile would recompile for every source count 1…5, fwd and bwd).
 
 Anchors: eager torch, ``torch.compile`` (default mode) of the same torch functions, and the flash-attn-res 0.1.12
 Triton phase kernels (its autotuner runs on the phase rows; the stream rows reuse the configs it picked there, so
@@ -19,6 +21,8 @@ that every source count does not re-run the full autotune). GB/s counts the byte
 
 from __future__ import annotations
 
+import argparse
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,7 +182,7 @@ def bench_merge(table: Table, far, compiled: dict) -> None:
         report(table, label, shape, time_ms(make(ours)), {k: time_ms(make(f)) for k, f in anchors.items()}, nbytes)
 
 
-def bench_stream(table: Table, far, compiled: dict) -> None:
+def bench_stream(table: Table, far) -> None:
     shape = f"L={L} block={BLOCK} BT={TOKENS} D={D} bf16"
     emb = torch.randn(1, TOKENS, D, device="cuda", dtype=DTYPE).requires_grad_()
     queries = (torch.randn(L + 1, D, device="cuda") / D**0.5).requires_grad_()
@@ -189,10 +193,7 @@ def bench_stream(table: Table, far, compiled: dict) -> None:
             q.copy_(queries[l])
     identity = [lambda h: h] * L
     ours = lambda e, *params: stream(e, identity)
-    anchors = {
-        "eager torch": lambda e, q: two_phase_stream(e, q, torch_phase1, torch_merge),
-        "torch.compile": lambda e, q: two_phase_stream(e, q, compiled["phase1"], compiled["merge"]),
-    }
+    anchors = {"eager torch": lambda e, q: two_phase_stream(e, q, torch_phase1, torch_merge)}
     if far is not None:
         freeze_far_autotune(far["module"])
         anchors["flash-attn-res 0.1.12"] = lambda e, q: two_phase_stream(e, q, far["phase1"], far["merge"])
@@ -250,6 +251,9 @@ def bench_step_overhead(table: Table) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stream", action="store_true", help="also time the whole 32-sublayer stream")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("nanokimi.attnres.bench: needs a CUDA device")
     torch.manual_seed(0)
@@ -260,10 +264,17 @@ def main() -> None:
     print(table.header(), flush=True)
     # one compiled object per function, shared by all rows (recompiles only when a shape goes dynamic)
     compiled = {"phase1": torch.compile(torch_phase1), "merge": torch.compile(torch_merge)}
-    bench_phase1(table, far, compiled)
-    bench_merge(table, far, compiled)
-    bench_stream(table, far, compiled)
-    bench_step_overhead(table)
+    sections = [
+        lambda: bench_phase1(table, far, compiled),
+        lambda: bench_merge(table, far, compiled),
+        lambda: bench_step_overhead(table),
+    ]
+    if args.stream:
+        sections.append(lambda: bench_stream(table, far))
+    start = time.perf_counter()
+    for section in sections:
+        section()
+        print(f"  ({time.perf_counter() - start:.0f} s elapsed)", flush=True)
     table.save(CHAPTER)
 
 

@@ -387,9 +387,12 @@ BACKENDS = ["reference", "triton"]
 
 
 def _randomise(stream: ResidualStream, seed: int) -> None:
+    """Pseudo-queries of norm ≈ 3, so the depth logits have a standard deviation ≈ 3 at any width: the softmax over
+    depth is sharp but not saturated (larger logits make every rounding swing the weights, see the GPU test)."""
+    d = stream.d_model
     with torch.no_grad():
         for l, (q, g) in enumerate(zip(stream.queries, stream.norm_weights, strict=True)):
-            q.copy_(0.5 * randn(stream.d_model, seed=seed + 2 * l))
+            q.copy_(3.0 / d**0.5 * randn(d, seed=seed + 2 * l))
             g.copy_(1 + 0.2 * randn(stream.d_model, seed=seed + 2 * l + 1))
 
 
@@ -470,6 +473,32 @@ def test_full_mode_equals_block_size_one_and_queries_learn_from_zero(backend, de
         assert full.queries[l].grad.abs().max() > 0, f"queries[{l}] got no gradient at zero init"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_stream_sums_a_block_in_fp32_and_rounds_it_once(backend, device):
+    """Six sublayers each add c = 1 + 2^-7 (exact in bf16) inside one block. Summed in fp32 and rounded once, the
+    block is bf16(6.046875) = 6.0625; a bf16 running sum rounded at every step would give 6.03125. With zero
+    queries and a zero embedding, the output is the average of [embedding, block] = block / 2 (exact)."""
+    n_layers = 6
+    c = 1 + 2**-7
+    emb = torch.zeros(1, 2, 8, dtype=torch.bfloat16, device=device)
+    subs = [lambda h: torch.full_like(h, c)] * n_layers
+    stream = ResidualStream("block", n_layers, 8, block_size=n_layers, backend=backend).to(device)
+    out = stream(emb, subs)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.float(), torch.full((1, 2, 8), 6.0625 / 2, device=device))
+
+
+def test_merge_step_keeps_the_running_sum_in_sum_dtype(device):
+    ref_in, ker_in = _merge_case((2, 9), 32, seed=80, device=device, dtype=torch.bfloat16)
+    o1, l1, p, up, q, g = ref_in
+    h, x = merge_step_triton(*ker_in, sum_dtype=torch.float32)
+    assert x.dtype == torch.float32 and h.dtype == torch.bfloat16
+    assert_close("x", x, p + up, rtol_rel=1e-7)  # bf16 + bf16 is exact in fp32 here (magnitudes within 2^16)
+    assert_close("h", h, online_merge(o1, l1, p + up, q, g), rtol_rel=1e-2)
+    with pytest.raises(TypeError, match=r"sum_dtype: expected one of .*, got torch.float64"):
+        merge_step_triton(*ker_in, sum_dtype=torch.float64)
+
+
 def test_residual_stream_bad_input():
     with pytest.raises(ValueError, match=r"mode: expected one of \['standard', 'full', 'block'\], got 'dense'"):
         ResidualStream("dense", 4, 8)
@@ -535,26 +564,42 @@ def test_merge_step_gpu(d, dtype):
         assert_close(name, gk, gr, rtol_rel=GPU_TOL[dtype][1])
 
 
+# The stream's error against fp64 has a floor set by the problem, not by the kernels: the rounding of every sublayer
+# input, output and matmul is amplified down a chain of 12 tanh sublayers and softmaxes over depth. The test measures
+# that floor in the same run (the reference backend computing in the same dtype on the same device) and allows the
+# Triton stream a small factor over it (README, Tolerances): fp32 errors are summation-order noise, two samples of
+# which differ by up to ~1.6x; in bf16 the Triton stream also stores the block cache and phase-1 outputs in bf16
+# where the reference keeps fp32 (≈ 1.1x the floor).
+STREAM_FLOOR_FACTOR = {torch.float32: 3.0, torch.bfloat16: 1.5}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_residual_stream_gpu(dtype):
     n_layers, d, block_size = 12, 256, 4
-    stream = ResidualStream("block", n_layers, d, block_size, backend="triton").cuda()
-    _randomise(stream, seed=11)
+    seeded = ResidualStream("block", n_layers, d, block_size)
+    _randomise(seeded, seed=11)
+    state = {k: v.double() for k, v in seeded.state_dict().items()}
     ref_stream = ResidualStream("block", n_layers, d, block_size, backend="reference").double()
-    ref_stream.load_state_dict({k: v.double().cpu() for k, v in stream.state_dict().items()})
-    stream = stream.to(dtype)
+    ref_stream.load_state_dict(state)
     emb = randn(2, 101, d, seed=12, dtype=F64).to(dtype).to(F64)
-    subs64, _ = make_sublayers(n_layers, d, seed=13)
-    subs, _ = make_sublayers(n_layers, d, seed=13, dtype=dtype, device="cuda")
-    emb64, emb_k = emb.clone().requires_grad_(), emb.to("cuda", dtype).requires_grad_()
-    ref_out = ref_stream(emb64, subs64)
-    out = stream(emb_k, subs)
-    # bf16: the reference keeps fp64 between sublayers; here every h, v and partial sum is rounded to bf16
-    # (2^-9 relative) and the sublayer matmul runs in bf16, about 24 roundings in a chain of 12 tanh layers
-    tol = 1e-5 if dtype is torch.float32 else 2e-2
-    assert_close("out", out, ref_out, rtol_rel=tol)
     dout = randn(2, 101, d, seed=14, dtype=F64)
+    emb64 = emb.clone().requires_grad_()
+    subs64, _ = make_sublayers(n_layers, d, seed=13)
+    ref_out = ref_stream(emb64, subs64)
     (ref_g,) = torch.autograd.grad(ref_out, emb64, dout)
-    (g,) = torch.autograd.grad(out, emb_k, dout.to("cuda", dtype))
-    assert_close("d embedding", g, ref_g, rtol_rel=tol)
+    results = {}
+    for backend in ("reference", "triton"):  # the reference in the same dtype and device measures the floor
+        stream = ResidualStream("block", n_layers, d, block_size, backend=backend)
+        stream.load_state_dict({k: v.float() for k, v in state.items()})
+        stream = stream.to("cuda", dtype)
+        subs, _ = make_sublayers(n_layers, d, seed=13, dtype=dtype, device="cuda")
+        emb_k = emb.to("cuda", dtype).requires_grad_()
+        out = stream(emb_k, subs)
+        (g,) = torch.autograd.grad(out, emb_k, dout.to("cuda", dtype))
+        results[backend] = (out, g)
+    factor = STREAM_FLOOR_FACTOR[dtype]
+    for k, (name, ref) in enumerate((("out", ref_out), ("d embedding", ref_g))):
+        floor = rel_err(results["reference"][k], ref)
+        assert 0 < floor < 0.05, f"{name}: floor {floor:.3g} (the test problem is no longer well conditioned)"
+        assert_close(name, results["triton"][k], ref, rtol_rel=factor * floor)
