@@ -21,11 +21,13 @@ accumulator, and ``C`` is bit-for-bit symmetric, which kernel (2) relies on when
 (``GROUP_M`` row tiles sweep the columns together) so that programs running at the same time share operand
 tiles in L2.
 
-Two paths, one schedule per kernel. The launchers pick, per call:
+Two paths, one schedule per kernel. The launchers pick, per call (``tma=None``):
 
-* the **tensor-descriptor (TMA) kernels** ``_gram_tma_kernel`` / ``_poly_tma_kernel`` when compiled and the
+* the **tensor-descriptor (TMA) kernels** ``_gram_tma_kernel`` / ``_poly_tma_kernel`` when compiled, the
   operands allow it (rows divisible by 128, rows contiguous and 16-byte aligned, the batch stacked so that
-  ``[batch, M, ·]`` reads as one ``[batch·M, ·]`` tensor). They are *persistent*: one program per SM, and program
+  ``[batch, M, ·]`` reads as one ``[batch·M, ·]`` tensor) **and the step's Gram list fills at least two waves**:
+  ``batch·T(T + 1)/2 ≥ 2·SMs`` with ``T = M/128``, M the short side r for all three kernels of a step, so a
+  step runs on one path (``_tma_fills_waves``). They are *persistent*: one program per SM, and program
   ``p`` takes tiles ``p, p + P, p + 2P, …`` of the list of tiles. The Gram list holds exactly the ``T(T + 1)/2``
   tiles on or above the diagonal (T = M/128), numbered column by column (tile ``t = col·(col + 1)/2 + row``, the
   inverse found with one square root), so no program is spent on a tile below the diagonal, and tiles that run
@@ -35,9 +37,18 @@ Two paths, one schedule per kernel. The launchers pick, per call:
   bit-for-bit symmetric. Measured on the H100 at 4096² (bf16): the Gram kernel 0.119 ms against 0.182 ms for the
   pointer kernel (528 tiles of 128×128×4096: 596 vs 390 TFLOP/s), the poly kernel 0.191 vs 0.198 ms.
 * the **pointer kernels** ``_gram_kernel`` / ``_poly_kernel`` (one program per tile, masked loads) everywhere
-  else: odd sizes, tall matrices (iterated as a transposed view, whose rows are not contiguous) and always under
-  the interpreter, where they are the reference rung for the descriptor kernels (which the tests also run
-  there, forced with ``tma=True``).
+  else: odd sizes, tall matrices (iterated as a transposed view, whose rows are not contiguous), Gram lists
+  shorter than two waves, and always under the interpreter, where they are the reference rung for the
+  descriptor kernels (which the tests also run there, forced with ``tma=True``).
+
+Why two waves. A persistent kernel runs ``⌈tiles/SMs⌉`` rounds of one tile per SM: r = 2048 gives 136 tiles on
+132 SMs, two rounds with 4 SMs busy in the second (52% of the SM-rounds used), while the pointer kernels launch
+one program per tile and the autotuner may pick smaller tiles or two programs per SM. r = 4096 gives 528 tiles
+(4 full waves), r = 8192 2080, the 8 × 4096² Muon.step group 4224. Measured at 2048×8192 (bf16, H100, NS5): the
+pointer kernels throughout 1.40 ms and the TMA kernels throughout 2.23 ms (plain torch 1.53–1.56 ms), in two
+benchmark runs with identical pointer kernels; the rule sends this shape back to the pointer kernels. The
+two-wave threshold is where the argument puts it (between r = 2816, 253 tiles, and r = 2944, 276), not a fitted
+value; the wave argument alone does not account for the whole 0.83 ms difference (README, "Schedule").
 
 Precision. On the GPU the operands are bf16, products accumulate in fp32 (tensor cores), and A, B, X are stored
 in bf16 between kernels: the same rounding points as a plain bf16 torch implementation. Under the Triton
@@ -466,11 +477,29 @@ def _descriptor(t: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.shape[2]], [t.stride(1), 1], [_TMA_ROWS, _TMA_ROWS])
 
 
+# The schedule rule (tma=None): the persistent kernels run one program per SM, so they only pay off when every SM
+# gets several tiles. A step's Gram list (batch·T(T + 1)/2 tiles of 128², T = rows/128) must fill this many waves;
+# otherwise all three kernels of the step take the pointer path (see the module docstring for the measurements).
+_TMA_MIN_WAVES = 2
+
+
+def _tma_fills_waves(batch: int, rows: int, sms: int, tile: int = _TMA_ROWS) -> bool:
+    """Does the Gram-sized problem ``[batch, rows, rows]`` hold at least ``_TMA_MIN_WAVES·sms`` upper-triangle
+    tiles of ``tile²``? (132 SMs: rows 2048 gives 136 tiles, no; 4096 gives 528, yes; 2048 with batch 2, yes.)
+    Both Gram kernels and the poly kernel of a step see the same ``rows`` (the short side r), so a step runs on
+    one path."""
+    side = rows // tile
+    return batch * side * (side + 1) // 2 >= _TMA_MIN_WAVES * sms
+
+
 def _pick_tma(tma: bool | None, block: tuple | None, rows: int, *tensors: torch.Tensor) -> bool:
-    """``tma=None``: the descriptor path when compiled and the layout allows it; ``True`` requires it."""
+    """``tma=None``: the descriptor path when compiled, the layout allows it and the tiles fill the SMs
+    (``_tma_fills_waves``); ``True`` requires the layout only. ``tensors[0]`` is ``[batch, rows, ·]``."""
     eligible = rows % _TMA_ROWS == 0 and all(_descriptor_rows(t) for t in tensors)
     if tma is None:
-        return eligible and block is None and not interpreting()
+        if not eligible or block is not None or interpreting():
+            return False
+        return _tma_fills_waves(tensors[0].shape[0], rows, _sm_count(tensors[0].device))
     if tma and block is not None:
         raise ValueError(f"block: applies to the pointer path only (tma=False or None), got tma=True, block={block}")
     if tma and not eligible:
@@ -507,9 +536,10 @@ def gram_triton(
     Kernels (1) and (2): only tiles on or above the diagonal are computed; the result is exactly symmetric.
     Any strides are accepted (a transposed view costs no copy). ``out`` (``[batch, M, M]``, X's dtype) is
     allocated when not given; ``block = (BLOCK_M, BLOCK_N, BLOCK_K)`` bypasses autotuning (for tests).
-    ``tma=None`` runs the persistent tensor-descriptor kernel when compiled and the layout allows it (M divisible
-    by 128, rows contiguous, 16-byte aligned, batch stacked), else the pointer kernel; ``True``/``False`` force
-    one (``True`` raises ValueError where the layout does not allow it).
+    ``tma=None`` runs the persistent tensor-descriptor kernel when compiled, the layout allows it (M divisible
+    by 128, rows contiguous, 16-byte aligned, batch stacked) and ``batch·T(T + 1)/2 ≥ 2·SMs`` (T = M/128, see
+    the module docstring), else the pointer kernel; ``True``/``False`` force one (``True`` raises ValueError
+    where the layout does not allow it).
     """
     check_tensor("X", X, ndim=3, dtypes=_KERNEL_DTYPES)
     batch, M, K = X.shape
@@ -557,7 +587,7 @@ def poly_apply_triton(
     """``C = a·X + B·X`` for ``B: [batch, M, M]``, ``X: [batch, M, N]`` (kernel 3; any strides).
 
     ``out`` must not overlap ``X`` (other programs still read X while one writes its tile). ``block`` and ``tma``
-    as in ``gram_triton``.
+    as in ``gram_triton`` (the wave rule counts the Gram tiles of B, so a NS step runs on one path).
     """
     check_tensor("X", X, ndim=3, dtypes=_KERNEL_DTYPES)
     batch, M, N = X.shape
@@ -637,8 +667,9 @@ def newton_schulz_triton(
     Same contract as ``reference.newton_schulz``: ``X₀ = G / max(‖G‖_F, eps)`` per matrix (computed in fp32 and
     rounded once to the compute dtype), then ``steps`` steps of ``X ← a·X + (b·A + c·A²)·X``, ``A = X Xᵀ``. All
     matrices of the batch go through each kernel in one launch. ``tma``: ``None`` picks the tensor-descriptor
-    kernels where they apply (compiled, min(m, n) divisible by 128, not tall), ``False`` the pointer kernels,
-    ``True`` requires the descriptor kernels (ValueError where they do not apply).
+    kernels where they apply (compiled, min(m, n) divisible by 128, not tall) and fill two waves of SMs (one
+    2048-row matrix does not, 4096 does), ``False`` the pointer kernels, ``True`` requires the descriptor
+    kernels (ValueError where they do not apply).
     """
     check_tensor("G", G, dtypes=_FLOAT_DTYPES)
     if G.dim() < 2:

@@ -263,6 +263,20 @@ def test_tma_path_bad_inputs(device):
         gram_triton(randn(1, rows, 16, seed=22, device=device, dtype=compute_dtype()), block=(16, 16, 16), tma=True)
 
 
+def test_tma_schedule_rule():
+    from nanokimi.muon.kernels import _tma_fills_waves
+
+    # 132 SMs, 128² tiles: the Gram list of r = 2048 has 136 tiles (~1 wave: pointer kernels), r = 4096 has 528
+    # (4 waves: TMA); batches add up (two 2048² matrices: 272 tiles); the 8 × 4096² Muon.step group: TMA.
+    assert not _tma_fills_waves(1, 2048, 132, tile=128)
+    assert _tma_fills_waves(2, 2048, 132, tile=128)
+    assert _tma_fills_waves(1, 4096, 132, tile=128)
+    assert _tma_fills_waves(8, 4096, 132, tile=128)
+    assert _tma_fills_waves(1, 8192, 132, tile=128)
+    assert not _tma_fills_waves(3, 512, 132, tile=128)  # 30 tiles
+    assert _tma_fills_waves(1, 2944, 132, tile=128) and not _tma_fills_waves(1, 2816, 132, tile=128)  # 276, 253
+
+
 # --- the optimizer --------------------------------------------------------------------------------------------
 SHAPES = [(24, 40), (40, 24), (3, 16, 24)]
 
