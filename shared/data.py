@@ -6,9 +6,11 @@ Nothing is downloaded. Every example is a ``(prompt, response)`` pair of strings
 Tasks (``make_task(name, **knobs)``):
 
 * ``add``     — ``"047+385="`` → ``"0432"``. Operands have exactly ``digits`` digits (zero-padded), the answer
-  ``digits + 1``. Knobs: ``reverse`` (answer written least-significant digit first, which lets a left-to-right
-  model emit each digit once its carry is known), ``scratchpad`` (verbosity 0, 1 or 2, or a tuple to draw one
-  per example, so response lengths vary), ``label_noise`` (input-dependent label noise, see below).
+  ``digits + 1``; ``digits`` may be a tuple (one count drawn per example: a mixture of difficulties, so that a
+  model trained on it has a pass rate strictly between 0 and 1 on its hardest count). Knobs: ``reverse``
+  (answer written least-significant digit first, which lets a left-to-right model emit each digit once its
+  carry is known), ``scratchpad`` (verbosity 0, 1 or 2, or a tuple to draw one per example, so response lengths
+  vary), ``label_noise`` (input-dependent label noise, see below).
 * ``mqar``    — multi-query associative recall: ``pairs`` key–value pairs (lower-case keys, upper-case
   values), ``gap`` filler tokens, ``|``, then ``queries`` query keys each followed by its value. Only the
   values are scored (the query keys are given, as in Zoology's MQAR).
@@ -240,6 +242,19 @@ class Task:
         return "Task(" + ", ".join(f"{k}={v!r}" for k, v in self.spec().items()) + ")"
 
 
+def _digit_counts(digits: int | Sequence[int]) -> tuple[int, ...]:
+    counts = (digits,) if isinstance(digits, int) else tuple(digits) if isinstance(digits, Sequence) else None
+    if counts is None:
+        raise TypeError(f"digits: expected a positive int or a non-empty tuple of them, got {digits!r}")
+    if not counts:
+        raise ValueError(f"digits: expected a positive int or a non-empty tuple of them, got {digits!r}")
+    for value in counts:
+        check_positive_int("digits", value)
+    if len(set(counts)) != len(counts):
+        raise ValueError(f"digits: expected distinct digit counts, got {digits!r}")
+    return counts
+
+
 def _scratchpad_levels(scratchpad: int | Sequence[int]) -> tuple[int, ...]:
     levels = (scratchpad,) if isinstance(scratchpad, int) else tuple(scratchpad)
     if not levels or any(isinstance(v, bool) or v not in (0, 1, 2) for v in levels):
@@ -250,7 +265,7 @@ def _scratchpad_levels(scratchpad: int | Sequence[int]) -> tuple[int, ...]:
 
 
 class AdditionTask(Task):
-    """``a + b`` with ``digits``-digit operands.
+    """``a + b`` with ``digits``-digit operands (a tuple of counts: one drawn uniformly per example).
 
     Response = [scratchpad ";"] answer, where the scratchpad walks the columns from the least significant one,
     with carry-in c and column digits x, y:
@@ -258,20 +273,23 @@ class AdditionTask(Task):
     * verbosity 1: ``"15,12,01;"`` — the two-digit column sum ``x + y + c`` per column;
     * verbosity 2: ``"8+7+0=15,5+6+1=12,0+0+1=01;"`` — the whole column equation.
 
-    The answer has ``digits + 1`` digits (zero-padded), reversed when ``reverse``.
+    The answer has ``digits + 1`` digits (zero-padded), reversed when ``reverse``. ``digit_counts`` is always a
+    tuple; ``digits`` is that tuple for a mixture, or the int for a single count (whose examples are exactly those
+    of ``AdditionTask(digits=d)``).
     """
 
     name = "add"
 
     def __init__(
         self,
-        digits: int = 3,
+        digits: int | Sequence[int] = 3,
         reverse: bool = False,
         scratchpad: int | Sequence[int] = 0,
         label_noise: float = 0.0,
         ood_extra_digits: int = 2,
     ):
-        self.digits = check_positive_int("digits", digits)
+        self.digit_counts = _digit_counts(digits)
+        self.digits: int | tuple[int, ...] = self.digit_counts[0] if len(self.digit_counts) == 1 else self.digit_counts
         self.reverse = bool(reverse)
         self.levels = _scratchpad_levels(scratchpad)
         if not 0.0 <= float(label_noise) <= 1.0:
@@ -281,9 +299,10 @@ class AdditionTask(Task):
 
     def spec(self) -> dict:
         scratchpad = self.levels[0] if len(self.levels) == 1 else list(self.levels)
+        digits = self.digit_counts[0] if len(self.digit_counts) == 1 else list(self.digit_counts)
         return {
             "name": self.name,
-            "digits": self.digits,
+            "digits": digits,
             "reverse": self.reverse,
             "scratchpad": scratchpad,
             "label_noise": self.label_noise,
@@ -296,28 +315,39 @@ class AdditionTask(Task):
 
     def max_response_len(self) -> int:
         per_column = {0: 0, 1: 3, 2: 9}[max(self.levels)]
-        scratch = per_column * self.digits if max(self.levels) > 0 else 0
-        return scratch + self.digits + 1
+        most = max(self.digit_counts)
+        return per_column * most + most + 1
 
     def ood(self) -> AdditionTask:
-        spec = self.spec() | {"digits": self.digits + self.ood_extra_digits}
+        """``ood_extra_digits`` more digits than the largest count (one count, never seen in training)."""
+        spec = self.spec() | {"digits": max(self.digit_counts) + self.ood_extra_digits}
         return task_from_spec(spec)
 
     def noise_rate(self, prompt: str) -> float:
         """The probability that this prompt's training label is corrupted (0 without label noise)."""
-        a, _ = self._parse_prompt(prompt)
-        return self.label_noise * (a // 10 ** (self.digits - 1)) / 9
+        a, _, digits = self._parse_prompt(prompt)
+        return self.label_noise * (a // 10 ** (digits - 1)) / 9
 
-    def format_prompt(self, a: int, b: int) -> str:
-        return f"{a:0{self.digits}d}+{b:0{self.digits}d}="
+    def _count(self, digits: int | None) -> int:
+        """The digit count to format with: ``digits``, or the task's only count when None."""
+        if digits is None:
+            if len(self.digit_counts) > 1:
+                raise ValueError(f"digits: expected one of {list(self.digit_counts)} for a mixture, got None")
+            return self.digit_counts[0]
+        return check_in("digits", digits, self.digit_counts)
 
-    def format_response(self, a: int, b: int, level: int) -> str:
-        answer = f"{a + b:0{self.digits + 1}d}"
+    def format_prompt(self, a: int, b: int, digits: int | None = None) -> str:
+        d = self._count(digits)
+        return f"{a:0{d}d}+{b:0{d}d}="
+
+    def format_response(self, a: int, b: int, level: int, digits: int | None = None) -> str:
+        d = self._count(digits)
+        answer = f"{a + b:0{d + 1}d}"
         if self.reverse:
             answer = answer[::-1]
         if level == 0:
             return answer
-        xs, ys = f"{a:0{self.digits}d}"[::-1], f"{b:0{self.digits}d}"[::-1]
+        xs, ys = f"{a:0{d}d}"[::-1], f"{b:0{d}d}"[::-1]
         carry, columns = 0, []
         for x, y in zip(xs, ys, strict=True):
             total = int(x) + int(y) + carry
@@ -326,33 +356,43 @@ class AdditionTask(Task):
         return ",".join(columns) + ";" + answer
 
     def sample(self, rng: np.random.Generator) -> Example:
-        high = 10**self.digits
+        # A single count draws nothing for it, so its examples are bit-for-bit those of the int-only task.
+        counts = self.digit_counts
+        digits = int(counts[int(rng.integers(len(counts)))]) if len(counts) > 1 else counts[0]
+        high = 10**digits
         a, b = int(rng.integers(high)), int(rng.integers(high))
         level = int(self.levels[int(rng.integers(len(self.levels)))]) if len(self.levels) > 1 else self.levels[0]
-        prompt = self.format_prompt(a, b)
-        response = self.format_response(a, b, level)
-        meta = {"a": a, "b": b, "scratchpad": level}
+        prompt = self.format_prompt(a, b, digits)
+        response = self.format_response(a, b, level, digits)
+        meta = {"a": a, "b": b, "scratchpad": level, "digits": digits}
         if self.label_noise > 0:
             rate = self.noise_rate(prompt)
             corrupted = bool(rng.random() < rate)
             if corrupted:
                 # The units digit is the last answer character, or the first one when reversed.
-                units_at = len(response) - self.digits - 1 if self.reverse else len(response) - 1
+                units_at = len(response) - digits - 1 if self.reverse else len(response) - 1
                 wrong = (int(response[units_at]) + 1 + int(rng.integers(9))) % 10
                 response = response[:units_at] + str(wrong) + response[units_at + 1 :]
             meta |= {"noise_rate": rate, "corrupted": corrupted}
         return Example(prompt, response, None, meta)
 
-    def _parse_prompt(self, prompt: str) -> tuple[int, int]:
+    def _parse_prompt(self, prompt: str) -> tuple[int, int, int]:
+        """(a, b, digit count) of ``"a+b="`` whose operands both have one of the task's digit counts."""
         body = prompt[:-1] if prompt.endswith("=") else None
         parts = body.split("+") if body is not None else []
-        if len(parts) != 2 or not all(p.isdigit() and len(p) == self.digits for p in parts):
-            raise ValueError(f"prompt: expected '{'d' * self.digits}+{'d' * self.digits}=', got {prompt!r}")
-        return int(parts[0]), int(parts[1])
+        if (
+            len(parts) != 2
+            or not all(p.isdigit() for p in parts)
+            or len(parts[0]) != len(parts[1])
+            or len(parts[0]) not in self.digit_counts
+        ):
+            shapes = " or ".join(f"'{'d' * d}+{'d' * d}='" for d in self.digit_counts)
+            raise ValueError(f"prompt: expected {shapes}, got {prompt!r}")
+        return int(parts[0]), int(parts[1]), len(parts[0])
 
     def check(self, prompt: str, response: str) -> bool:
         """True when the text after the last ``;`` (the whole response without a scratchpad) is the sum."""
-        a, b = self._parse_prompt(prompt)
+        a, b, _ = self._parse_prompt(prompt)
         answer = response.rsplit(";", 1)[-1]
         if not answer.isdigit():
             return False

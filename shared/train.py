@@ -560,9 +560,15 @@ def _train_step(cfg, task, model, train_model, opt, qk_clip, d: _Dist, step: int
 
 
 # --- command line ------------------------------------------------------------------------------------------
-def _parse_scratchpad(text: str):
-    levels = tuple(int(v) for v in text.split(","))
-    return levels[0] if len(levels) == 1 else levels
+def _int_or_ints(text: str) -> int | tuple[int, ...]:
+    """``"3"`` → 3, ``"1,2,3,4"`` → (1, 2, 3, 4): a knob that takes one value or a tuple to draw from."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an int or a comma-separated list of ints such as 1,2,3, got {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else values
 
 
 TASK_KNOBS = ("digits", "reverse", "scratchpad", "label_noise", "pairs", "queries", "gap", "length")
@@ -571,9 +577,9 @@ TASK_KNOBS = ("digits", "reverse", "scratchpad", "label_noise", "pairs", "querie
 def add_task_knob_arguments(parser: argparse.ArgumentParser, title: str) -> None:
     """The command-line flags of every task knob (``TASK_KNOBS``), as one argument group; all default to None."""
     task = parser.add_argument_group(title)
-    task.add_argument("--digits", type=int)
+    task.add_argument("--digits", type=_int_or_ints, help="operand digits, or a list such as 1,2,3,4 (a mixture)")
     task.add_argument("--reverse", action="store_true", default=None)
-    task.add_argument("--scratchpad", type=_parse_scratchpad, help="verbosity 0, 1 or 2, or a list such as 0,1,2")
+    task.add_argument("--scratchpad", type=_int_or_ints, help="verbosity 0, 1 or 2, or a list such as 0,1,2")
     task.add_argument("--label-noise", type=float)
     task.add_argument("--pairs", type=int)
     task.add_argument("--queries", type=int)

@@ -24,7 +24,15 @@ from nanokimi.rl.rollout import (
     response_logprobs,
     response_seed,
 )
-from nanokimi.rl.train import RLConfig, evaluate_policy, group_rewards, main, train_rl
+from nanokimi.rl.train import (
+    RLConfig,
+    build_parser,
+    config_from_args,
+    evaluate_policy,
+    group_rewards,
+    main,
+    train_rl,
+)
 from nanokimi.testing import assert_close
 from nanokimi.train import CheckpointError, TrainConfig, load_checkpoint, train
 
@@ -368,6 +376,18 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
         main(["--init", "x.pt", "--method", "ppo"])
 
 
+def test_cli_digit_mixture_reaches_the_levels():
+    # --digits comes from nanokimi.train's shared task-knob flags: a list is a mixture, one value an int.
+    cfg = config_from_args(build_parser().parse_args(["--init", "x.pt", "--digits", "2,3,4"]))
+    (level,) = cfg.levels(make_task("add", digits=3, scratchpad=(0, 1)))
+    assert level.digit_counts == (2, 3, 4) and level.levels == (0, 1)
+    cfg = config_from_args(build_parser().parse_args(["--init", "x.pt", "--curriculum", "digits=3,4"]))
+    levels = cfg.levels(make_task("add", digits=(2, 3, 4)))
+    assert [t.digits for t in levels] == [3, 4]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--init", "x.pt", "--digits", "3,four"])
+
+
 def test_rollout_functions_reject_bad_input():
     model = small_model()
     with pytest.raises(ValueError, match="responses: every response needs at least one token"):
@@ -389,6 +409,14 @@ def test_rollout_functions_reject_bad_input():
         cur.record(cur.pools[0][0], 1.5)
 
 
+def test_harder_levels_follow_the_pretraining_digits():
+    from nanokimi.rl.experiments import harder_levels
+
+    assert harder_levels(3) == (3, 4)  # one count: the next one up (pass rate 0 from a 3-digit model)
+    assert harder_levels([2, 3, 4]) == (3, 4)  # a mixture: its largest count is the harder setting
+    assert harder_levels((4, 1)) == (1, 4)
+
+
 def test_experiments_smoke_run_writes_json_and_png(init_ckpt, tmp_path):
     from nanokimi.rl.experiments import EXPERIMENTS
     from nanokimi.rl.experiments import main as experiments_main
@@ -399,6 +427,11 @@ def test_experiments_smoke_run_writes_json_and_png(init_ckpt, tmp_path):
         result = json.loads((tmp_path / "r" / f"{name}.json").read_text())
         assert result["experiment"] == name
         assert (tmp_path / "r" / f"{name}.png").stat().st_size > 0
+    harder = json.loads((tmp_path / "r" / "harder.json").read_text())
+    assert harder["levels"] == ["digits=2", "digits=3"]  # a 2-digit checkpoint: d → d+1
+    for when in ("start", "final"):
+        shares = [v["share"] for v in harder["hard_level_by_verbosity"][when].values()]
+        assert sum(shares) == pytest.approx(1.0)
     rollout = json.loads((tmp_path / "r" / "rollout.json").read_text())
     assert set(next(iter(rollout["table"].values()))) == {"static", "divided", "context", "oracle"}
     assert experiments_main(["harder", "--init", str(tmp_path / "none.pt"), "--smoke"]) == 2

@@ -23,6 +23,7 @@ ALL_TASKS = [
     make_task("add"),
     make_task("add", digits=2, reverse=True, scratchpad=(0, 1, 2)),
     make_task("add", label_noise=0.6),
+    make_task("add", digits=(1, 2, 3), scratchpad=(0, 1), reverse=True),
     make_task("mqar", pairs=6, queries=3, gap=2),
     make_task("copy", length=5),
     make_task("reverse", length=5),
@@ -102,6 +103,57 @@ def test_addition_formats():
     assert plain.format_response(47, 385, 2) == "7+5+0=12,4+8+1=13,0+3+1=04;0432"
     assert plain.max_response_len() == 4
     assert AdditionTask(digits=3, scratchpad=(0, 2)).max_response_len() == len("7+5+0=12,4+8+1=13,0+3+1=04;0432")
+
+
+def test_int_digits_stream_is_unchanged():
+    # Pinned from the int-only AdditionTask: adding digit mixtures must not move a single example of an int task.
+    task = make_task("add", digits=3, scratchpad=(0, 1, 2))
+    assert [(e.prompt, e.response) for e in task.examples("train", 4, seed=0)] == [
+        ("850+636=", "06,08,14;1486"),
+        ("269+307=", "0576"),
+        ("075+016=", "0091"),
+        ("813+649=", "3+9+0=12,1+4+1=06,8+6+0=14;1462"),
+    ]
+    noisy = make_task("add", digits=2, label_noise=0.9)
+    assert [(e.prompt, e.response) for e in noisy.examples("test", 4, seed=5)] == [
+        ("59+54=", "110"),
+        ("25+53=", "078"),
+        ("50+73=", "123"),
+        ("01+08=", "009"),
+    ]
+    one = make_task("add", digits=(3,), scratchpad=(0, 1, 2))  # a one-count tuple is the int task
+    assert one.digits == 3 and one.spec() == task.spec()
+    assert [(e.prompt, e.response) for e in one.examples("val", 50, seed=[2, 7])] == [
+        (e.prompt, e.response) for e in task.examples("val", 50, seed=[2, 7])
+    ]
+
+
+def test_addition_digit_mixture():
+    task = make_task("add", digits=(2, 3, 4), scratchpad=(0, 2))
+    assert task.digits == task.digit_counts == (2, 3, 4)
+    examples = task.examples("train", 300, seed=0)
+    counts = [e.meta["digits"] for e in examples]
+    assert set(counts) == {2, 3, 4} and min(counts.count(d) for d in (2, 3, 4)) > 60  # ~1/3 each
+    for ex in examples:
+        d = ex.meta["digits"]
+        assert ex.prompt == task.format_prompt(ex.meta["a"], ex.meta["b"], d) and len(ex.prompt) == 2 * d + 2
+        assert ex.response == task.format_response(ex.meta["a"], ex.meta["b"], ex.meta["scratchpad"], d)
+        assert task.check(ex.prompt, ex.response)
+    # the longest response is the 4-digit one at verbosity 2; ood: more digits than any count in the mixture
+    assert task.max_response_len() == len("0+0+0=00,0+0+0=00,0+0+0=00,0+0+0=00;00000")
+    assert task.spec()["digits"] == [2, 3, 4] and task.ood().digits == 6
+    assert task_from_spec(task.spec()).spec() == task.spec()
+    with pytest.raises(ValueError, match=r"prompt: expected 'dd\+dd=' or 'ddd\+ddd=' or 'dddd\+dddd='"):
+        task.check("7+5=", "12")
+    with pytest.raises(ValueError, match="prompt: expected"):
+        task.check("07+005=", "12")  # operands of different lengths
+    with pytest.raises(ValueError, match=r"digits: expected one of \[2, 3, 4\] for a mixture, got None"):
+        task.format_prompt(1, 2)
+    with pytest.raises(ValueError, match=r"digits: expected one of \[2, 3, 4\], got 5"):
+        task.format_response(1, 2, 0, digits=5)
+    # label noise reads the leading digit of the prompt's own digit count
+    noisy = make_task("add", digits=(1, 3), label_noise=0.9)
+    assert noisy.noise_rate("9+1=") == pytest.approx(0.9) and noisy.noise_rate("099+100=") == 0.0
 
 
 def test_scratchpad_verbosity_varies_response_length():
@@ -198,6 +250,14 @@ def test_bad_task_arguments():
         make_task("add", label_noise=1.5)
     with pytest.raises(TypeError, match="digits"):
         make_task("add", digits=2.5)
+    with pytest.raises(TypeError, match="digits: expected a positive int, got float 2.5"):
+        make_task("add", digits=(2, 2.5))
+    with pytest.raises(ValueError, match="digits: expected a positive int, got 0"):
+        make_task("add", digits=(0, 3))
+    with pytest.raises(ValueError, match=r"digits: expected a positive int or a non-empty tuple of them, got \(\)"):
+        make_task("add", digits=())
+    with pytest.raises(ValueError, match="digits: expected distinct digit counts"):
+        make_task("add", digits=(3, 3))
     with pytest.raises(ValueError, match="split: expected one of"):
         make_task("add").examples("dev", 3, seed=0)
     with pytest.raises(ValueError, match="spec: expected a 'name'"):

@@ -20,6 +20,8 @@ from nanokimi.train import (
     CheckpointError,
     TrainConfig,
     build_optimizer,
+    build_parser,
+    config_from_args,
     evaluate,
     load_checkpoint,
     load_model,
@@ -204,6 +206,55 @@ def test_cli_bad_task_knob_is_one_clear_line(tmp_path, capsys):
     assert code == 2
     assert "unknown task knobs ['digits']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_digit_mixture_is_parsed_like_scratchpad(tmp_path):
+    def knobs(*argv: str) -> dict:
+        return config_from_args(build_parser().parse_args(list(argv))).task_knobs
+
+    assert knobs("--digits", "3") == {"digits": 3}  # one count stays an int: the same task as before
+    assert knobs("--digits", "1,2,3,4", "--scratchpad", "0,2") == {"digits": (1, 2, 3, 4), "scratchpad": (0, 2)}
+    out = tmp_path / "mix"
+    assert (
+        main(
+            [
+                "--digits",
+                "1,2",
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--warmup-steps",
+                "0",
+                "--eval-every",
+                "2",
+                "--eval-examples",
+                "8",
+                "--test-examples",
+                "8",
+                "--out",
+                str(out),
+                "--no-progress",
+                *CLI_SMALL,
+            ]
+        )
+        == 0
+    )
+    assert load_checkpoint(out / "ckpt.pt")["task"]["digits"] == [1, 2]
+    _, task = load_model(out / "ckpt.pt")
+    assert task.digit_counts == (1, 2) and task.check("7+5=", "12") and task.check("07+05=", "012")
+
+
+@pytest.mark.parametrize("flag", ["--digits", "--scratchpad"])
+def test_cli_int_list_flags_name_the_argument(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([flag, "2,x"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected an int or a comma-separated list of ints such as 1,2,3, got '2,x'" in (
+        capsys.readouterr().err
+    )
+    assert main(["--digits", "2,2", "--no-progress"]) == 2  # parsed, then refused by the task
+    assert "digits: expected distinct digit counts" in capsys.readouterr().err
 
 
 def test_checkpoint_errors_leave_everything_untouched(tmp_path):
