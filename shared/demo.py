@@ -15,6 +15,8 @@ Each stage runs its chapter's command-line program in a subprocess (their own pr
 ``<out>/<stage>/`` and is reused by later runs unless ``--force``. ``--stage NAME`` runs one stage; a stage whose
 prerequisite is missing stops with a message naming the stage to run first. ``--smoke`` runs every stage at a
 seconds-long size (the tests use it); ``--gpu`` uses the Triton backends and the ``gpu-small`` preset on CUDA.
+``<out>/settings.json`` records the last run's sizes and devices; ``Settings.load`` reads them back (the tour
+notebook, ``shared/tour.ipynb``, does to show a run's outputs).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +57,22 @@ class Settings:
     def size(self, smoke: object, cpu: object, gpu: object | None = None) -> str:
         value = smoke if self.smoke else (gpu if self.gpu and gpu is not None else cpu)
         return str(value)
+
+    def save(self) -> None:
+        """Record the sizes and devices of this run in ``<out>/settings.json`` (what ``load`` reads back)."""
+        trace = None if self.trace is None else str(self.trace)
+        record = {"smoke": self.smoke, "gpu": self.gpu, "threads": self.threads, "trace": trace}
+        (self.out / "settings.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, out: Path) -> Settings:
+        """The settings of the last ``python -m nanokimi.demo`` run into ``out`` (to read its outputs back)."""
+        path = Path(out) / "settings.json"
+        if not path.exists():
+            raise StageError(f"missing {path}: run `python -m nanokimi.demo --out {out}` first")
+        d = json.loads(path.read_text())
+        trace = None if d["trace"] is None else Path(d["trace"])
+        return cls(Path(out), smoke=d["smoke"], gpu=d["gpu"], trace=trace, threads=d["threads"])
 
 
 def _run(cmd: list[str], log: Path) -> float:
@@ -171,8 +190,13 @@ def uncertainty_cmd(s: Settings) -> list[str]:
 
 
 def stage_pretrain(s: Settings) -> None:
-    if not _done(s.out / "pretrain" / "summary.json", s):
-        _run(pretrain_cmd(s), s.out / "logs" / "pretrain.log")
+    if _done(s.out / "pretrain" / "summary.json", s):
+        return
+    if s.force:  # the trainer never overwrites a run, so a forced rerun starts from an empty folder
+        shutil.rmtree(s.out / "pretrain", ignore_errors=True)
+    # A checkpoint without a summary is an interrupted run: continue it (the trainer checks the config matches).
+    resume = ["--resume"] if (s.out / "pretrain" / "ckpt.pt").exists() else []
+    _run(pretrain_cmd(s) + resume, s.out / "logs" / "pretrain.log")
 
 
 def stage_rl(s: Settings) -> None:
@@ -328,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--trace: expected an existing JSONL file, got {str(args.trace)!r}")
     s = Settings(args.out, args.smoke, args.gpu, args.force, args.trace, args.threads)
     s.out.mkdir(parents=True, exist_ok=True)
+    s.save()
     stages = STAGES if args.stage == "all" else (args.stage,)
     runners = {"pretrain": stage_pretrain, "rl": stage_rl, "serve": stage_serve, "uncertainty": stage_uncertainty}
     start = time.perf_counter()
