@@ -376,7 +376,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     torch.set_num_threads(cfg.threads)
     d = _setup_distributed(cfg.device)
     try:
-        return _train(cfg, d, on_step)
+        summary = _train(cfg, d, on_step)
+        if d.on:
+            dist.barrier()  # every rank done before any tears gloo down (a rank leaving early can abort its peer)
+        return summary
     finally:
         if d.on:
             dist.destroy_process_group()

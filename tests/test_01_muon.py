@@ -421,6 +421,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_prefix: str) -> None
     try:
         params, _ = run_muon("reference", steps=2, shapes=DIST_SHAPES)
         torch.save([p.detach() for p in params], f"{out_prefix}{rank}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down (seen once in CI: SIGABRT at teardown)
     finally:
         dist.destroy_process_group()
 
