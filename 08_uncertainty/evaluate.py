@@ -603,6 +603,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_for_evaluation(path: str | Path) -> tuple[TinyKimi, Task]:
+    """A checkpoint's model (CPU, eval mode, reference backends) and task: the evaluation runs on the CPU.
+
+    The reference backends compute the same functions as the Triton ones; a model trained with ``--backend triton``
+    on a GPU must not keep them here, because on a machine with CUDA the compiled kernels refuse CPU tensors.
+    """
+    return load_model(path, device="cpu", backend="reference")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.base is None and args.noisy is None:
@@ -622,8 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     machine = {"torch": torch.__version__, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
     if args.base is not None:
-        base, task = load_model(args.base)
-        ensemble = [load_model(p)[0] for p in args.ensemble]
+        base, task = load_for_evaluation(args.base)
+        ensemble = [load_for_evaluation(p)[0] for p in args.ensemble]
         unseen_knobs = {"length": 6} if args.unseen in ("copy", "reverse") else {}
         result = evaluate_task(
             base,
@@ -641,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_task(result, out / f"{stem}.png")
         print(f"wrote {out / stem}.json and .png")
     if args.noisy is not None:
-        model, task = load_model(args.noisy)
+        model, task = load_for_evaluation(args.noisy)
         result = evaluate_noise(model, task, layers=args.layers, cupid_layer=args.cupid_layer, **common)
         result |= {"checkpoint": args.noisy, "machine": machine}
         (out / "noise.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -29,6 +29,7 @@ from nanokimi.uncertainty.evaluate import (
     auroc_difference_ci,
     evaluate_noise,
     evaluate_task,
+    load_for_evaluation,
     plot_task,
     reliability,
     score_set,
@@ -374,3 +375,23 @@ def test_bad_input():
         cupid.scores(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask: expected at least one scored token per example"):
         cupid.scores(torch.ones(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.bool))
+
+
+def test_evaluation_loads_a_triton_checkpoint_with_the_reference_backends(tmp_path):
+    """A model trained with the Triton backends on a GPU is evaluated on the CPU: there the compiled kernels would
+    refuse CPU tensors (the GPU demo's uncertainty stage failed that way), so evaluation switches to the reference
+    backends, which compute the same function."""
+    from nanokimi.train import CKPT_FORMAT
+
+    trained = tiny_model(3, backend="triton")
+    ckpt = {
+        "format": CKPT_FORMAT, "step": 0, "model_config": trained.cfg.to_dict(), "task": make_task("add").spec(),
+        "train_config": {}, "model": trained.state_dict(), "optimizer": {}, "world_size": 1,
+    }  # fmt: skip
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    model, task = load_for_evaluation(tmp_path / "ckpt.pt")
+    assert model.cfg.backend == "reference" and not model.training and task.name == "add"
+    tokens = torch.randint(0, trained.cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_backend = tiny_model(3, backend="reference")(tokens)[0]
+        assert torch.equal(model(tokens)[0], ref_backend)
