@@ -32,7 +32,10 @@ __all__ = [
     "kda_step",
     "chunk_cumsum",
     "intra_chunk_matrices",
+    "intra_chunk_matrices_factored",
     "intra_chunk_matrices_blocked",
+    "in_chunk_decay_range",
+    "factored_range_bound",
     "ut_transform",
     "kda_gate",
     "l2norm",
@@ -192,6 +195,54 @@ def intra_chunk_matrices(
     return a_kk, a_qk
 
 
+def in_chunk_decay_range(G: torch.Tensor) -> float:
+    """``R = max |G_last − G_first|`` over every chunk and channel of G ``[..., C, K]``: the largest in-chunk decay.
+
+    G is an in-chunk cumulative sum of ``g ≤ 0``, so each channel falls monotonically from its first row to its last
+    and every ``G_r − G_i`` inside a chunk lies in ``[−R, R]``.
+    """
+    return float((G[..., 0, :] - G[..., -1, :]).detach().abs().max()) if G.numel() else 0.0
+
+
+def factored_range_bound(dtype: torch.dtype) -> float:
+    """The largest in-chunk decay range R for which :func:`intra_chunk_matrices_factored` is safe: ``ln(max) / 2``.
+
+    With the reference at the midpoint of each channel's range, every factor ``e^{±(G_r − G_ref)}`` lies in
+    ``[e^{−R/2}, e^{R/2}] ⊆ [max^{−1/4}, max^{1/4}]`` (normal numbers, full precision) and every product of a row and
+    a column factor, masked entries included, in ``[max^{−1/2}, max^{1/2}]``: a margin of ``√max`` (≈ 1.8e19 in
+    fp32, 1.3e154 in fp64) is left for ``|q|·|k|·K`` and the gradients. fp32: R ≤ 44.4; fp64: R ≤ 354.9.
+    """
+    return math.log(torch.finfo(dtype).max) / 2
+
+
+def intra_chunk_matrices_factored(
+    q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, beta: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same ``(A_kk, A_qk)`` as :func:`intra_chunk_matrices`, as two batched matmuls (report Eq. 6's chunk form).
+
+    Split each pairwise decay around a per-chunk, per-channel reference ``G_ref``::
+
+        e^{G_rc − G_ic} = e^{G_rc − G_ref,c} · e^{G_ref,c − G_ic}
+        A_qk = scale · Tril((Q ⊙ e^{G − G_ref}) (K ⊙ e^{G_ref − G})ᵀ)
+        A_kk = Diag(β) · StrictTril((K ⊙ e^{G − G_ref}) (K ⊙ e^{G_ref − G})ᵀ)
+
+    so no ``[C, C, K]`` tensor is built, forward or backward (autograd goes through the matmuls and the two
+    ``[C, K]`` factors). ``G_ref = (G_first + G_last) / 2`` keeps both exponents within ``±R/2`` (R: the chunk's
+    decay range, :func:`in_chunk_decay_range`), but the factors grow as ``e^{R/2}``, so call it only when R is within
+    :func:`factored_range_bound` of the dtype. There it is as accurate as the pairwise form: the rounding of
+    ``G_ref`` cancels between the two factors and each exponent carries the same ``ε·R/2`` error as ``G_r − G_i``.
+    ``A`` does not depend on ``G_ref``, so it is detached (its two gradient paths would only cancel).
+    q, k, G ``[..., C, K]``; beta ``[..., C]`` → ``(A_kk, A_qk)`` each ``[..., C, C]``.
+    """
+    g_ref = ((G[..., :1, :] + G[..., -1:, :]) / 2).detach()  # [..., 1, K], the midpoint of each channel's range
+    to_ref = (G - g_ref).exp()  # e^{G_r − G_ref} ∈ [e^{−R/2}, e^{R/2}], [..., C, K]
+    from_ref = (g_ref - G).exp()  # e^{G_ref − G_i}
+    k_cols = (k * from_ref).transpose(-1, -2)  # [..., K, C]
+    a_kk = ((k * to_ref) @ k_cols) * beta[..., :, None]  # [..., C(r), C(i)]
+    a_qk = ((q * to_ref) @ k_cols) * scale
+    return a_kk.tril(-1), a_qk.tril()
+
+
 def intra_chunk_matrices_blocked(
     q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, beta: torch.Tensor, scale: float, block: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +252,8 @@ def intra_chunk_matrices_blocked(
     (a ``[block, block, K]`` tensor). For rows r of sub-block a and any earlier column i, factor around the first
     row of a: ``e^{G_r − G_i} = e^{G_r − G_ref} · e^{G_ref − G_i}``. Both exponents are ≤ 0, so nothing
     overflows, and the off-diagonal part becomes one batched matmul. Memory and exps drop from ``C²K`` to about
-    ``C·K·(block + C/block)``. This is what makes :func:`kda_chunk` fast enough to train on a CPU.
+    ``C·K·(block + C/block)``. :func:`kda_chunk` uses it when the in-chunk decay range is beyond
+    :func:`factored_range_bound` (at ``C ≤ block`` it is the pairwise form itself).
     """
     C, K = G.shape[-2:]
     nb = -(-C // block)
@@ -272,7 +324,7 @@ def kda_chunk(
     Split T into chunks of C tokens (the last one zero-padded: g = 0, β = 0 leave the state untouched). For
     each chunk, with S the state at its start, G the in-chunk cumulative log-decay and ``G_C`` its last row::
 
-        A_kk, A_qk = intra_chunk_matrices(q, k, G, β)       C×C, pairwise decays (blocked, same values)
+        A_kk, A_qk = intra_chunk_matrices(q, k, G, β)       C×C (factored if R ≤ bound, else blocked pairwise)
         W, U      = ut_transform(A_kk, k, v, G, β)          the intra-chunk triangular system, solved once
         Δ         = U − W S                                 delta-rule corrections ("pseudo-values")
         O         = (scale · exp(G) ⊙ Q) S + A_qk Δ         Eq. 9
@@ -296,7 +348,10 @@ def kda_chunk(
 
     qc, kc, vc, gc, bc = (chunked(t) for t in (q, k, v, g, beta))  # [B, H, N, C, ·]
     G = chunk_cumsum(gc, C)  # [B, H, N, C, K]
-    a_kk, a_qk = intra_chunk_matrices_blocked(qc, kc, G, bc, scale)  # [B, H, N, C, C], = intra_chunk_matrices
+    if in_chunk_decay_range(G) <= factored_range_bound(dt):  # two matmuls per chunk, no [C, C, K] tensor
+        a_kk, a_qk = intra_chunk_matrices_factored(qc, kc, G, bc, scale)  # [B, H, N, C, C]
+    else:  # a strong decay somewhere in the batch: exponents that are never positive, any g ≤ 0
+        a_kk, a_qk = intra_chunk_matrices_blocked(qc, kc, G, bc, scale)
     W, U = ut_transform(a_kk, kc, vc, G, bc)  # [B, H, N, C, K], [B, H, N, C, V]
     q_decayed = qc * scale * G.exp()  # exp(G) ⊙ Q: reads the start-of-chunk state
     G_last = G[..., -1:, :]  # [B, H, N, 1, K]

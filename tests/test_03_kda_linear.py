@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import triton
 
 import nanokimi.kda.kernels as kda_kernels
+import nanokimi.kda.reference as kda_reference
 from nanokimi.kda import (
     KimiDeltaAttention,
     chunk_cumsum,
@@ -26,7 +27,12 @@ from nanokimi.kda import (
     kda_step,
     l2norm,
 )
-from nanokimi.kda.reference import intra_chunk_matrices_blocked
+from nanokimi.kda.reference import (
+    factored_range_bound,
+    in_chunk_decay_range,
+    intra_chunk_matrices_blocked,
+    intra_chunk_matrices_factored,
+)
 from nanokimi.testing import assert_close, rand, randn
 from nanokimi.triton_utils import interpreting
 
@@ -107,6 +113,81 @@ def test_blocked_intra_matrices_equal_pairwise(C, block, gate):
     a_kk, a_qk = intra_chunk_matrices_blocked(q, k, G, beta, 0.25, block=block)
     assert_close("A_kk", a_kk, ref_kk, 1e-13)
     assert_close("A_qk", a_qk, ref_qk, 1e-13)
+
+
+def uniform_gate(inputs, max_per_step, seed=11):
+    """Replace g by ``−max_per_step · U(0, 1)`` per token and channel: in-chunk range R ≤ (C − 1) · max_per_step."""
+    q, k, v, g, beta, h0 = inputs
+    return [q, k, v, -max_per_step * rand(*g.shape, seed=seed, dtype=g.dtype), beta, h0]
+
+
+@pytest.mark.parametrize("C", [8, 16, 64])
+@pytest.mark.parametrize("max_per_step", [1.0, 5.0])
+def test_factored_intra_matrices_equal_pairwise(C, max_per_step):
+    """Two matmuls around G_ref give the pairwise matrices while R ≤ the fp64 bound (C = 64 at 5/step: R ≈ 300)."""
+    q, k, _, g, beta, _ = uniform_gate(make_inputs(3, C, 2, 16, 4), max_per_step)
+    qc, kc, gc = (t.transpose(1, 2) for t in (q, k, g))  # one chunk per (batch, head): [B, H, C, K]
+    G = chunk_cumsum(gc, C)
+    assert in_chunk_decay_range(G) <= factored_range_bound(torch.float64)
+    ref_kk, ref_qk = intra_chunk_matrices(qc, kc, G, beta.transpose(1, 2), 0.25)
+    a_kk, a_qk = intra_chunk_matrices_factored(qc, kc, G, beta.transpose(1, 2), 0.25)
+    assert_close("A_kk", a_kk, ref_kk, 1e-12)
+    assert_close("A_qk", a_qk, ref_qk, 1e-12)
+
+
+@pytest.mark.parametrize(
+    ("C", "gate"), [(8, 1.0), (8, 5.0), (16, 1.0), (16, 5.0), (64, 1.0), (64, 5.0), (8, "strong"), (64, "strong")]
+)
+def test_chunk_factored_path_matches_pairwise_fallback(C, gate, monkeypatch):
+    """kda_chunk takes the factored path iff R ≤ bound; outputs and all six gradients equal the pairwise fallback's.
+
+    "strong" (−60 per step on two channels) exceeds the fp64 bound at every C ≥ 8: the fallback runs and must still
+    equal the token loop.
+    """
+    inputs = make_inputs(1, 2 * C + 5, 2, 8, 8, gate="strong" if gate == "strong" else "logsigmoid")
+    inputs = inputs if gate == "strong" else uniform_gate(inputs, gate)
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return intra_chunk_matrices_factored(*args)
+
+    monkeypatch.setattr(kda_reference, "intra_chunk_matrices_factored", spy)
+    chunk = lambda *a, **kw: kda_chunk(*a, **kw, chunk_size=C)
+    o, s, grads = run_with_grads(chunk, inputs, use_h0=True)
+    assert len(calls) == (0 if gate == "strong" else 1)
+    if gate == "strong":
+        o_ref, s_ref, ref = run_with_grads(kda_recurrent, inputs, use_h0=True)
+        grad_tol = 1e-10  # chunk-form autograd vs the token loop, as in test_chunk_gradients_match_recurrent
+    else:
+        monkeypatch.setattr(kda_reference, "factored_range_bound", lambda dtype: -1.0)  # R ≥ 0 > −1: always fall back
+        o_ref, s_ref, ref = run_with_grads(chunk, inputs, use_h0=True)
+        assert len(calls) == 1
+        grad_tol = 1e-12
+    assert_close("o", o, o_ref, 1e-12)
+    assert_close("S_T", s, s_ref, 1e-12)
+    for name in GRAD_NAMES:
+        assert_close(f"d{name}", grads[name], ref[name], grad_tol)
+
+
+def test_factored_fp32_near_its_bound_is_finite_and_accurate(monkeypatch):
+    """fp32 with R just under ln(max)/2 ≈ 44.4 (C = 8, up to 6 per step): factored path, finite, fp32-accurate."""
+    calls = []
+    monkeypatch.setattr(
+        kda_reference, "intra_chunk_matrices_factored", lambda *a: calls.append(1) or intra_chunk_matrices_factored(*a)
+    )
+    inputs = uniform_gate(make_inputs(2, 37, 2, 16, 16), 6.0)
+    q, k, v, g, beta, h0 = inputs
+    G = chunk_cumsum(g[:, :32].transpose(1, 2).unflatten(2, (4, 8)), 8)
+    assert 30.0 < in_chunk_decay_range(G) <= factored_range_bound(torch.float32)
+    o_ref, s_ref, ref = run_with_grads(kda_recurrent, inputs, use_h0=True)
+    chunk = lambda *a, **kw: kda_chunk(*(t.float() for t in a), **{**kw, "initial_state": kw["initial_state"].float()})
+    o, s, got = run_with_grads(lambda *a, **kw: chunk(*a, **kw, chunk_size=8), inputs, use_h0=True)
+    assert_close("o", o, o_ref, 2e-6)
+    assert_close("S_T", s, s_ref, 2e-6)
+    assert len(calls) == 1
+    for name in GRAD_NAMES:
+        assert_close(f"d{name}", got[name], ref[name], 2e-6)  # fp32 rounding; the pairwise fallback is as far off
 
 
 def test_chunk_gradients_match_recurrent():
