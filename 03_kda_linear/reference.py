@@ -207,10 +207,11 @@ def in_chunk_decay_range(G: torch.Tensor) -> float:
 def factored_range_bound(dtype: torch.dtype) -> float:
     """The largest in-chunk decay range R for which :func:`intra_chunk_matrices_factored` is safe: ``ln(max) / 2``.
 
-    With the reference at the midpoint of each channel's range, every factor ``e^{±(G_r − G_ref)}`` lies in
-    ``[e^{−R/2}, e^{R/2}] ⊆ [max^{−1/4}, max^{1/4}]`` (normal numbers, full precision) and every product of a row and
-    a column factor, masked entries included, in ``[max^{−1/2}, max^{1/2}]``: a margin of ``√max`` (≈ 1.8e19 in
-    fp32, 1.3e154 in fp64) is left for ``|q|·|k|·K`` and the gradients. fp32: R ≤ 44.4; fp64: R ≤ 354.9.
+    With the reference at each chunk's first row, the row factors ``e^{G_r − G_first}`` lie in ``[e^{−R}, 1]`` and
+    the column factors ``e^{G_first − G_i}`` in ``[1, e^{R}] ⊆ [1, max^{1/2}]`` (normal numbers, full precision);
+    every product of a row and a column factor, masked entries included, lies in ``[max^{−1/2}, max^{1/2}]``: a
+    margin of ``√max`` (≈ 1.8e19 in fp32, 1.3e154 in fp64) is left for ``|q|·|k|·K`` and the gradients.
+    fp32: R ≤ 44.4; fp64: R ≤ 354.9.
     """
     return math.log(torch.finfo(dtype).max) / 2
 
@@ -220,23 +221,25 @@ def intra_chunk_matrices_factored(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same ``(A_kk, A_qk)`` as :func:`intra_chunk_matrices`, as two batched matmuls (report Eq. 6's chunk form).
 
-    Split each pairwise decay around a per-chunk, per-channel reference ``G_ref``::
+    Split each pairwise decay around the chunk's first row ``G_first`` (per channel)::
 
-        e^{G_rc − G_ic} = e^{G_rc − G_ref,c} · e^{G_ref,c − G_ic}
-        A_qk = scale · Tril((Q ⊙ e^{G − G_ref}) (K ⊙ e^{G_ref − G})ᵀ)
-        A_kk = Diag(β) · StrictTril((K ⊙ e^{G − G_ref}) (K ⊙ e^{G_ref − G})ᵀ)
+        e^{G_rc − G_ic} = e^{G_rc − G_first,c} · e^{G_first,c − G_ic}
+        A_qk = scale · Tril((Q ⊙ e^{G − G_first}) (K ⊙ e^{G_first − G})ᵀ)
+        A_kk = Diag(β) · StrictTril((K ⊙ e^{G − G_first}) (K ⊙ e^{G_first − G})ᵀ)
 
     so no ``[C, C, K]`` tensor is built, forward or backward (autograd goes through the matmuls and the two
-    ``[C, K]`` factors). ``G_ref = (G_first + G_last) / 2`` keeps both exponents within ``±R/2`` (R: the chunk's
-    decay range, :func:`in_chunk_decay_range`), but the factors grow as ``e^{R/2}``, so call it only when R is within
-    :func:`factored_range_bound` of the dtype. There it is as accurate as the pairwise form: the rounding of
-    ``G_ref`` cancels between the two factors and each exponent carries the same ``ε·R/2`` error as ``G_r − G_i``.
-    ``A`` does not depend on ``G_ref``, so it is detached (its two gradient paths would only cancel).
+    ``[C, K]`` factors). The column factors grow as ``e^{R}`` (R: the chunk's decay range,
+    :func:`in_chunk_decay_range`), so call it only when R is within :func:`factored_range_bound` of the dtype.
+    There it is as accurate as the pairwise form: each exponent carries about the same ``ε·R`` rounding as
+    ``G_r − G_i``. The first row (not, say, the midpoint of the range) keeps every entry's rounding causal: row r
+    reads only rows ≤ r of the chunk, so tokens after a position cannot change its outputs by even one bit.
+    ``A`` does not depend on the reference (it cancels), so the reference is detached (its two gradient paths
+    would only cancel).
     q, k, G ``[..., C, K]``; beta ``[..., C]`` → ``(A_kk, A_qk)`` each ``[..., C, C]``.
     """
-    g_ref = ((G[..., :1, :] + G[..., -1:, :]) / 2).detach()  # [..., 1, K], the midpoint of each channel's range
-    to_ref = (G - g_ref).exp()  # e^{G_r − G_ref} ∈ [e^{−R/2}, e^{R/2}], [..., C, K]
-    from_ref = (g_ref - G).exp()  # e^{G_ref − G_i}
+    g_ref = G[..., :1, :].detach()  # [..., 1, K], each channel's value at the chunk's first row
+    to_ref = (G - g_ref).exp()  # e^{G_r − G_first} ∈ [e^{−R}, 1], [..., C, K]
+    from_ref = (g_ref - G).exp()  # e^{G_first − G_i} ∈ [1, e^{R}]
     k_cols = (k * from_ref).transpose(-1, -2)  # [..., K, C]
     a_kk = ((k * to_ref) @ k_cols) * beta[..., :, None]  # [..., C(r), C(i)]
     a_qk = ((q * to_ref) @ k_cols) * scale
