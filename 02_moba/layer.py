@@ -38,12 +38,14 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor)
     """Rotary position embedding (half-split form): for each pair ``(x_i, x_{i+D/2})`` at position p,
     rotate by the angle ``p · inv_freq_i``, ``inv_freq_i = base^(−2i/D)``.
 
-    x ``[B, T, H, D]``, positions ``[T]``, inv_freq ``[D/2]`` → ``[B, T, H, D]`` in x's dtype (angles in fp32).
+    x ``[B, T, H, D]``, positions ``[T]``, inv_freq ``[D/2]`` → ``[B, T, H, D]`` in x's dtype (angles and rotation
+    in fp32, or fp64 for fp64 x).
     """
-    angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # [T, D/2]
+    ct = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16/fp32 → fp32; fp64 stays fp64
+    angles = positions.to(ct)[:, None] * inv_freq.to(ct)[None, :]  # [T, D/2]
     cos = angles.cos()[None, :, None, :]
     sin = angles.sin()[None, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(ct).chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 

@@ -315,6 +315,21 @@ def test_rope_rotates_pairs_and_preserves_relative_positions():
     assert torch.allclose(apply_rope(x, torch.tensor([0]), inv_freq), x)
 
 
+def test_rope_keeps_fp64_in_fp64():
+    """fp64 inputs are rotated in fp64 (fp32 angles would be off by ~1e-7 at position 1000), other dtypes in fp32."""
+    inv_freq = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    x = randn(1, 2, 1, 8, seed=83, dtype=torch.float64)
+    pos = torch.tensor([3, 1000])
+    angles = pos.double()[:, None] * inv_freq[None, :]  # [T, 4]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x[..., :4], x[..., 4:]
+    expect = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    got = apply_rope(x, pos, inv_freq)
+    assert got.dtype == torch.float64
+    assert_close("rope fp64", got, expect, 1e-14)
+    assert apply_rope(x.bfloat16(), pos, inv_freq).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_layer_prefill_in_pieces_equals_the_full_forward(backend, device):
     dev = device if backend == "triton" else "cpu"
