@@ -16,6 +16,19 @@ positions start at ``T_past``. A prefill of several tokens computes MoBA for the
 prefilling in pieces gives exactly the full forward's outputs. A single new token after a non-empty cache is a
 decode step and attends densely to the whole cache — equal to the full MoBA forward while the context fits in
 ``topk · block_size`` tokens, and deliberately denser beyond, as in the paper.
+
+Externally managed KV (what a serving engine with a paged, ragged cache uses): when the cache dict holds the key
+``"paged"``, its value ``kv`` owns this layer's keys and values and the layer only projects, rotates and calls it:
+
+    kv.positions   LongTensor [B]: tokens already cached in each row (rows may differ)
+    kv.attend(q, k, v) -> o      q, k, v, o [B, T, H, D]; q and k already rotated
+
+``attend`` must store the new k, v after each row's cached ones and return causal softmax attention (scale
+``1/sqrt(D)``) of each row's queries over its ``positions[b] + T`` keys, the query at offset t seeing keys up to
+``positions[b] + t``. The layer rotates at positions ``kv.positions[:, None] + arange(T)``, returns
+``o_proj(o)``, and neither reads nor writes ``cache["k"]``/``cache["v"]`` (a dict with both kinds is refused). The
+attention itself happens inside ``attend``, so this path does not see the logits: with ``track_max_logits`` it sets
+``max_logits`` to None.
 """
 
 from __future__ import annotations
@@ -38,13 +51,19 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor)
     """Rotary position embedding (half-split form): for each pair ``(x_i, x_{i+D/2})`` at position p,
     rotate by the angle ``p · inv_freq_i``, ``inv_freq_i = base^(−2i/D)``.
 
-    x ``[B, T, H, D]``, positions ``[T]``, inv_freq ``[D/2]`` → ``[B, T, H, D]`` in x's dtype (angles and rotation
-    in fp32, or fp64 for fp64 x).
+    x ``[B, T, H, D]``, positions ``[T]`` (shared by every row) or ``[B, T]`` (one position per row and step),
+    inv_freq ``[D/2]`` → ``[B, T, H, D]`` in x's dtype (angles and rotation in fp32, or fp64 for fp64 x).
     """
+    B, T = x.shape[:2]
+    if tuple(positions.shape) not in ((T,), (B, T)):
+        raise ValueError(
+            f"positions: expected shape ({T},) or ({B}, {T}) for x of shape {tuple(x.shape)}, "
+            f"got {tuple(positions.shape)}"
+        )
     ct = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16/fp32 → fp32; fp64 stays fp64
-    angles = positions.to(ct)[:, None] * inv_freq.to(ct)[None, :]  # [T, D/2]
-    cos = angles.cos()[None, :, None, :]
-    sin = angles.sin()[None, :, None, :]
+    angles = positions.to(ct)[..., None] * inv_freq.to(ct)  # [T, D/2] or [B, T, D/2]
+    cos = angles.cos().unsqueeze(-2)  # [T, 1, D/2] or [B, T, 1, D/2]: broadcasts over heads (and rows)
+    sin = angles.sin().unsqueeze(-2)
     x1, x2 = x.to(ct).chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
@@ -128,6 +147,8 @@ class MoBAAttention(nn.Module):
             raise ValueError(f"x: expected last dimension d_model={self.d_model}, got {d_model}")
         if T < 1:
             raise ValueError(f"x: expected at least one token, got shape {tuple(x.shape)}")
+        if cache is not None and "paged" in cache:
+            return self._forward_paged(x, cache)
         past = 0 if cache is None else self._check_cache(cache, x)
         H, D = self.n_heads, self.head_dim
         positions = torch.arange(past, past + T, device=x.device)
@@ -151,4 +172,21 @@ class MoBAAttention(nn.Module):
             self.max_logits = max_logits.amax(dim=0).detach().float()  # [H]
         else:
             out = result
+        return self.o_proj(out.reshape(B, T, H * D))
+
+    def _forward_paged(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """The ``"paged"`` path of the module docstring: RoPE at each row's own positions, attention by the cache."""
+        if "k" in cache or "v" in cache:
+            raise ValueError("cache: expected either 'paged' or 'k'/'v' (KV kept by the layer), got both")
+        kv = cache["paged"]
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        check_tensor("cache['paged'].positions", kv.positions, shape=(B,), dtypes=(torch.long,))
+        positions = kv.positions[:, None] + torch.arange(T, device=x.device)  # [B, T]
+        q = apply_rope(self.q_proj(x).view(B, T, H, D), positions, self.inv_freq)
+        k = apply_rope(self.k_proj(x).view(B, T, H, D), positions, self.inv_freq)
+        v = self.v_proj(x).view(B, T, H, D)
+        out = check_tensor("cache['paged'].attend(q, k, v)", kv.attend(q, k, v), shape=(B, T, H, D))
+        if self.track_max_logits:
+            self.max_logits = None  # the logits never left attend
         return self.o_proj(out.reshape(B, T, H * D))

@@ -29,8 +29,10 @@ chunk of one token is merged into the previous one, because one token after a no
 for MoBA (dense attention) and the engine must compute what ``TinyKimi.generate``'s one-shot prefill computes.
 
 Decode. The decode worker keeps up to ``max_batch`` running requests. One step feeds each its last token, at
-position ``n_b`` (tokens already cached): KDA layers run batched from per-request state slots; attention layers
-write the new k, v into the request's page and attend over its ``n_b + 1`` cached tokens, with the chapter's
+position ``n_b`` (tokens already cached), through ``model(tokens [B, 1], caches)``: KDA layers run batched from
+per-request state slots; attention layers get ``{"paged": view}`` (``MoBAAttention``'s hook for KV it does not
+keep), whose ``attend`` writes the new k, v into the request's page and attends over its ``n_b + 1`` cached tokens,
+with the chapter's
 ``paged_attention_reference`` (``backend="reference"``) or the Triton ``paged_attention_decode``
 (``backend="triton"``). Greedy tokens equal ``TinyKimi.generate(prompts, temperature=0)``.
 
@@ -59,7 +61,6 @@ import torch
 
 from nanokimi.checks import check_in, check_positive_int
 from nanokimi.data import TOKENIZER
-from nanokimi.moba.layer import apply_rope
 from nanokimi.model import TinyKimi, TinyKimiConfig
 from nanokimi.serving.kernels import paged_attention_decode
 from nanokimi.serving.reference import gather_kv, paged_attention_reference
@@ -310,7 +311,7 @@ class ServeReport:
 
 
 class _PagedAttention:
-    """One decode step's view of one attention layer's pages: stores the new k, v and attends over the pages.
+    """One decode step's view of one attention layer's pages, passed as ``{"paged": view}`` to ``MoBAAttention``.
 
     ``positions [B]``: tokens already cached per request (the new token's position); ``tables [B, max_pages]``.
     """
@@ -319,7 +320,10 @@ class _PagedAttention:
         self.cache, self.layer, self.tables, self.positions, self.backend = cache, layer, tables, positions, backend
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v ``[B, 1, H, D]`` (RoPE applied) → ``o [B, 1, H, D]`` over each request's ``positions + 1`` tokens."""
+        """q, k, v ``[B, 1, H, D]`` (RoPE applied) → ``o [B, 1, H, D]`` over each request's ``positions + 1`` tokens;
+        stores the new k, v in the pages first."""
+        if q.shape[1] != 1:
+            raise ValueError(f"q: expected one new token per request (a decode step), got shape {tuple(q.shape)}")
         page_size = self.cache.page_size
         rows = torch.arange(q.shape[0], device=q.device)
         pages = self.tables[rows, self.positions // page_size].long()
@@ -344,24 +348,6 @@ class _PagedAttention:
         else:
             o = paged_attention_reference(q[:, 0], k_pages, v_pages, self.tables, lens, scale).to(q.dtype)
         return o[:, None]
-
-
-def _paged_attention_sublayer(layer: torch.nn.Module, h: torch.Tensor, paged: _PagedAttention) -> torch.Tensor:
-    """An attention layer's mixer sublayer for one decode step, with its KV in pages: ``h [B, 1, D] → [B, 1, D]``.
-
-    MoBAAttention keeps its KV in the cache dict, one length for the whole batch, and has no entry point for KV
-    kept elsewhere, so this composes its public parts the way its decode path does: pre-norm, projections, RoPE
-    at each request's own position, attention, output projection.
-    """
-    mixer = layer.mixer
-    x = layer.mixer_norm(h)
-    b, heads, dim = x.shape[0], mixer.n_heads, mixer.head_dim
-    # apply_rope takes one position per time step: view the B single-token rows as B time steps of one sequence.
-    q = apply_rope(mixer.q_proj(x).view(1, b, heads, dim), paged.positions, mixer.inv_freq).view(b, 1, heads, dim)
-    k = apply_rope(mixer.k_proj(x).view(1, b, heads, dim), paged.positions, mixer.inv_freq).view(b, 1, heads, dim)
-    v = mixer.v_proj(x).view(b, 1, heads, dim)
-    o = paged.attend(q, k, v)
-    return mixer.o_proj(o.reshape(b, 1, heads * dim))
 
 
 class Engine:
@@ -714,17 +700,13 @@ class Engine:
         kda_caches = {
             i: {"state": s["state"][slots], "conv": tuple(c[slots] for c in s["conv"])} for i, s in self._slots.items()
         }
-        sublayers = []
-        for i, layer in enumerate(model.layers):
-            if layer.kind == "K":
-                sublayers.append(lambda h, layer=layer, c=kda_caches[i]: layer.mixer_sublayer(h, c))
-            else:
-                paged = _PagedAttention(self.cache, i, tables, positions, self.backend)
-                sublayers.append(lambda h, layer=layer, paged=paged: _paged_attention_sublayer(layer, h, paged))
-            sublayers.append(layer.ffn_sublayer)
-        # TinyKimi.hidden_states with the decode sublayers above: embed → residual stream → final norm → lm_head.
-        h = model.residual(model.embed(tokens[:, None]), sublayers)  # [B, 1, D]
-        logits = model.lm_head(model.final_norm(h))[:, -1]  # [B, V]
+        caches = [
+            kda_caches[i]
+            if layer.kind == "K"
+            else {"paged": _PagedAttention(self.cache, i, tables, positions, self.backend)}
+            for i, layer in enumerate(model.layers)
+        ]
+        logits = model(tokens[:, None], caches=caches)[0][:, -1]  # [B, V]
         chosen = logits.float().argmax(dim=-1).tolist()
         for i, c in kda_caches.items():
             self._slots[i]["state"][slots] = c["state"].to(self._slots[i]["state"].dtype)

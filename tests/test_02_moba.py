@@ -1,5 +1,5 @@
 """Chapter 02 (MoBA): the reference's exact cases, the Triton kernels against it (forward, backward, gate), the
-layer's contract (projections, RoPE, cache, dense mode, max logits), and bad input.
+layer's contract (projections, RoPE, cache, the "paged" hook, dense mode, max logits), and bad input.
 
 Tolerances (README "Tolerances"): fp32 kernels use exact fp32 dots (interpreter and GPU alike), so they match the
 fp64 reference to ≤ 1e-5; bf16 on the GPU to ≤ 1e-2 (P and dS rounded to bf16 before the tensor-core dots, pair
@@ -330,6 +330,18 @@ def test_rope_keeps_fp64_in_fp64():
     assert apply_rope(x.bfloat16(), pos, inv_freq).dtype == torch.bfloat16
 
 
+def test_rope_with_one_position_row_per_sequence_equals_per_row_calls_bitwise():
+    inv_freq = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    positions = torch.tensor([[0, 1, 2], [7, 8, 9], [1000, 1001, 1002]])  # [B, T]: each row its own offset
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x = randn(3, 3, 2, 8, seed=88, dtype=dtype)
+        got = apply_rope(x, positions, inv_freq)
+        for b in range(3):
+            assert torch.equal(got[b], apply_rope(x[b : b + 1], positions[b], inv_freq)[0]), (dtype, b)
+        shared = apply_rope(x, positions[1], inv_freq)  # [T] positions broadcast over rows, as before
+        assert torch.equal(shared, apply_rope(x, positions[1].expand(3, 3), inv_freq))
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_layer_prefill_in_pieces_equals_the_full_forward(backend, device):
     dev = device if backend == "triton" else "cpu"
@@ -364,6 +376,52 @@ def test_layer_decoding_beyond_topk_blocks_attends_the_whole_cache():
     step = layer(x[:, 40:], cache)
     assert_close("y", step, dense(x)[:, 40:], FP32_TOL)
     assert (step - layer(x)[:, 40:]).abs().max() > 1e-4  # the full MoBA forward is sparser there
+
+
+class ListKV:
+    """The ``"paged"`` protocol over an explicit per-row KV list: dense causal softmax attention, row by row."""
+
+    def __init__(self, ks: list[torch.Tensor], vs: list[torch.Tensor]):
+        self.ks, self.vs = list(ks), list(vs)  # row b: [n_b, H, D], RoPE applied
+        self.positions = torch.tensor([k.shape[0] for k in ks])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = []
+        for b in range(q.shape[0]):
+            self.ks[b], self.vs[b] = torch.cat((self.ks[b], k[b])), torch.cat((self.vs[b], v[b]))
+            past, T, S = int(self.positions[b]), q.shape[1], self.ks[b].shape[0]
+            logits = torch.einsum("thd,shd->hts", q[b], self.ks[b]) / math.sqrt(q.shape[-1])
+            visible = torch.arange(S)[None, :] <= past + torch.arange(T)[:, None]  # [T, S]
+            weights = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            out.append(torch.einsum("hts,shd->thd", weights, self.vs[b]))
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("dense,T", [(False, 1), (True, 3)])
+def test_layer_paged_hook_equals_its_own_cache_with_ragged_contexts(dense, T):
+    # Decoding (T = 1) is dense attention for MoBA too; several new tokens after a cache are MoBA (sparse beyond
+    # topk·block_size = 16 keys), so that case uses a dense layer, where both paths are plain causal attention.
+    layer = make_layer(dense=dense, block_size=8, topk=2).double()
+    lens = [5, 16, 21]
+    want, new, ks, vs, full_k = [], [], [], [], []
+    with torch.no_grad():
+        for b, n in enumerate(lens):
+            x = randn(1, n + T, 32, seed=90 + b, dtype=torch.float64)
+            own: dict = {}
+            layer(x[:, :n], own)
+            ks.append(own["k"][0])
+            vs.append(own["v"][0])
+            want.append(layer(x[:, n:], own))  # the layer's own cache path: [1, T, 32]
+            new.append(x[:, n:])
+            full_k.append(own["k"][0])
+        kv = ListKV(ks, vs)
+        cache = {"paged": kv}
+        layer.track_max_logits = True
+        got = layer(torch.cat(new), cache)  # one ragged batch: [3, T, 32]
+    assert_close("y", got, torch.cat(want), 1e-12)
+    assert list(cache) == ["paged"] and layer.max_logits is None
+    for b in range(3):  # the keys handed to attend were rotated at positions n_b … n_b + T − 1
+        assert_close(f"k row {b}", kv.ks[b], full_k[b], 1e-12)
 
 
 def test_layer_tracks_max_logits_per_head():
@@ -425,6 +483,13 @@ def test_layer_bad_input():
         layer(torch.zeros(1, 4, 32), [])
     with pytest.raises(ValueError, match=r"cache\['k'\]: expected shape \(1, \*, 4, 8\)"):
         layer(torch.zeros(1, 4, 32), {"k": torch.zeros(1, 3, 4, 6), "v": torch.zeros(1, 3, 4, 6)})
+    kv = ListKV([torch.zeros(2, 4, 8)], [torch.zeros(2, 4, 8)])
+    with pytest.raises(ValueError, match="cache: expected either 'paged' or 'k'/'v'"):
+        layer(torch.zeros(1, 1, 32), {"paged": kv, "k": torch.zeros(1, 2, 4, 8), "v": torch.zeros(1, 2, 4, 8)})
+    with pytest.raises(ValueError, match=r"cache\['paged'\].positions: expected shape \(2\)"):
+        layer(torch.zeros(2, 1, 32), {"paged": kv})
+    with pytest.raises(ValueError, match=r"positions: expected shape \(4,\) or \(1, 4\)"):
+        apply_rope(torch.zeros(1, 4, 4, 8), torch.arange(3), layer.inv_freq)
 
 
 # --- GPU: compiled, bf16, long and odd shapes -------------------------------------------------------------------

@@ -18,7 +18,6 @@ from nanokimi.model import TinyKimi, TinyKimiConfig
 from nanokimi.serving.engine import (
     Engine,
     PagedKVCache,
-    _paged_attention_sublayer,
     _PagedAttention,
     block_keys,
     main,
@@ -168,8 +167,9 @@ def test_metrics_follow_the_simulator_definitions(model64):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_paged_decode_sublayer_matches_the_layer_with_ragged_contexts(backend):
-    """One batched decode step over pages vs MoBAAttention's own decode, request by request (lengths 5, 16, 21)."""
+def test_paged_view_through_the_layer_hook_matches_the_layer_with_ragged_contexts(backend):
+    """One batched decode step with ``{"paged": view}`` (what ``_decode_step`` passes) vs MoBAAttention's own decode
+    over its cache dict, request by request (lengths 5, 16, 21)."""
     dtype = torch.float64 if backend == "reference" else torch.float32  # the interpreter has no fp64
     model = _model(dtype)
     layer = model.layers[3]  # the MoBA layer
@@ -186,8 +186,8 @@ def test_paged_decode_sublayer_matches_the_layer_with_ragged_contexts(backend):
             want.append(layer.mixer_sublayer(h[:, n:], kv))  # the layer's decode step: [1, 1, D]
             new.append((h[:, n:], kv["k"][0, -1], kv["v"][0, -1]))
         paged = _PagedAttention(cache, 3, torch.tensor(tables, dtype=torch.int32), torch.tensor(lens), backend)
-        got = _paged_attention_sublayer(layer, torch.cat([x for x, _, _ in new]), paged)  # [3, 1, D]
-    assert_close("paged decode sublayer", got, torch.cat(want), rtol_rel=1e-12 if dtype == torch.float64 else 1e-5)
+        got = layer.mixer_sublayer(torch.cat([x for x, _, _ in new]), {"paged": paged})  # [3, 1, D]
+    assert_close("paged decode step", got, torch.cat(want), rtol_rel=1e-12 if dtype == torch.float64 else 1e-5)
     for b, n in enumerate(lens):  # the new token's K/V landed in page table[n // 8], row n % 8
         page, row = tables[b][n // 8], n % 8
         assert_close("k written", cache.k[3][page, row], new[b][1], rtol_rel=1e-12 if dtype == torch.float64 else 1e-6)
