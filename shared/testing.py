@@ -9,13 +9,14 @@ plus an optional element-wise max-abs bound, plus "no NaN/inf where the referenc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
 from nanokimi.triton_utils import interpreting
 
-__all__ = ["rel_err", "assert_close", "poisoned_like", "randn", "rand", "kernel_device"]
+__all__ = ["rel_err", "assert_close", "poisoned_like", "poisoned_empty", "randn", "rand", "kernel_device"]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -83,6 +84,22 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bool:
         return torch.ones_like(t)
     return torch.full_like(t, torch.iinfo(t.dtype).max)
+
+
+@contextmanager
+def poisoned_empty() -> Iterator[None]:
+    """While active, ``torch.empty``/``empty_like`` return poisoned tensors (:func:`poisoned_like`), so an output a
+    kernel launcher allocates and the kernel never writes fails the comparison instead of passing by luck."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(maker):
+        return lambda *args, **kwargs: poisoned_like(maker(*args, **kwargs))
+
+    torch.empty, torch.empty_like = poisoned(real_empty), poisoned(real_empty_like)
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
 
 
 def _seeded(kind: str, shape: Sequence[int], seed: int, dtype: torch.dtype, device, requires_grad: bool):

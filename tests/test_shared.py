@@ -202,3 +202,28 @@ def test_table_json_markdown_plot_and_readme(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "old" not in readme and "| ns5 | 4096x4096 | 2 | torch | 3 | 1.5 | 100 | 0.13 | 1.5 |" in readme
     assert readme.endswith("<!-- bench:end -->\ntail\n")
+
+
+def test_poisoned_empty_poisons_only_while_active():
+    from nanokimi.testing import poisoned_empty
+
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    with poisoned_empty():
+        assert bool(torch.empty(3).isnan().all())
+        assert bool((torch.empty_like(torch.zeros(2, dtype=torch.int32)) == torch.iinfo(torch.int32).max).all())
+    assert torch.empty is real_empty and torch.empty_like is real_empty_like
+
+
+def test_check_attempt_close_names_type_shape_dtype_and_hint():
+    from nanokimi.grade import check_attempt_close
+
+    want = torch.zeros(2, 3)
+    check_attempt_close("x", torch.zeros(2, 3), want, 1e-6)
+    with pytest.raises(AssertionError, match="x: expected a torch.Tensor, got list"):
+        check_attempt_close("x", [0.0], want, 1e-6)
+    with pytest.raises(AssertionError, match=r"x: shape \(3, 2\), expected \(2, 3\)"):
+        check_attempt_close("x", torch.zeros(3, 2), want, 1e-6)
+    with pytest.raises(AssertionError, match="x: dtype torch.float64, expected torch.float32"):
+        check_attempt_close("x", torch.zeros(2, 3, dtype=torch.float64), want, 1e-6)
+    with pytest.raises(AssertionError, match="hint: add the bias"):
+        check_attempt_close("x", torch.ones(2, 3), want, 1e-6, hint="add the bias")

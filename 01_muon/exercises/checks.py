@@ -15,8 +15,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from nanokimi.grade import call_attempt as _call
+from nanokimi.grade import check_attempt_close
 from nanokimi.muon import QKClip, max_logit_per_head, reference
-from nanokimi.testing import assert_close, kernel_device, poisoned_like, randn
+from nanokimi.testing import kernel_device, poisoned_like, randn
 from nanokimi.triton_utils import interpreting
 
 QUINTIC = reference.DEFAULT_COEFFICIENTS
@@ -24,21 +25,6 @@ CUBIC = (1.5, -0.5, 0.0)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
-
-
-def _close(name: str, got: object, want: torch.Tensor, rtol: float, hint: str = "", atol: float = 0.0) -> None:
-    """``assert_close`` that first checks the attempt returned a tensor of the right shape and dtype, and appends
-    a hint to the failure message."""
-    if not isinstance(got, torch.Tensor):
-        raise AssertionError(f"{name}: expected a torch.Tensor, got {type(got).__name__}")
-    if tuple(got.shape) != tuple(want.shape):
-        raise AssertionError(f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-    if got.dtype != want.dtype:
-        raise AssertionError(f"{name}: dtype {got.dtype}, expected {want.dtype}")
-    try:
-        assert_close(name, got, want, rtol_rel=rtol, atol=atol)
-    except AssertionError as err:
-        raise AssertionError(f"{err}\n  hint: {hint}" if hint else str(err)) from None
 
 
 class _ShapeRecorder(TorchFunctionMode):
@@ -101,11 +87,11 @@ def check_ex1_newton_schulz(m) -> None:
         if isinstance(got, torch.Tensor) and got.shape == G.shape:
             if torch.allclose(got, _ns_plus_eps(G, steps, coefficients), rtol=1e-12, atol=1e-14):
                 hint = "divide by max(‖G‖_F, eps) (clamp_min), not by ‖G‖_F + eps: NS amplifies the small scale error"
-        _close(f"newton_schulz [{case}, fp64]", got, want, 1e-10, hint)
+        check_attempt_close(f"newton_schulz [{case}, fp64]", got, want, 1e-10, hint)
 
     for i, shape in enumerate([(2, 3, 5, 9), (3, 12, 4)]):  # every matrix of a batch on its own
         G = randn(*shape, seed=120 + i, dtype=torch.float64) * torch.linspace(0.1, 10, shape[-3])[:, None, None]
-        _close(
+        check_attempt_close(
             f"newton_schulz [batch {list(shape)}, matrices of different norms, fp64]",
             _call(m.newton_schulz, G),
             reference.newton_schulz(G),
@@ -116,7 +102,7 @@ def check_ex1_newton_schulz(m) -> None:
     G = randn(12, 16, seed=130, dtype=torch.float64)
     base = _call(m.newton_schulz, G)
     for scale in (1e3, 1e-3, 1e-5 / float(torch.linalg.vector_norm(G))):
-        _close(
+        check_attempt_close(
             f"newton_schulz(G·{scale:.3g}) vs newton_schulz(G) [scale invariance, ‖G·s‖_F ≥ eps]",
             _call(m.newton_schulz, G * scale),
             base,
@@ -124,14 +110,14 @@ def check_ex1_newton_schulz(m) -> None:
             "divide by max(‖G‖_F, eps) (clamp_min), not by ‖G‖_F + eps: an added eps changes small inputs",
         )
     tiny = G * (1e-9 / float(torch.linalg.vector_norm(G)))  # ‖G‖_F = 1e-9 < eps: X₀ = G / eps
-    _close(
+    check_attempt_close(
         "newton_schulz [‖G‖_F = 1e-9 < eps = 1e-7]",
         _call(m.newton_schulz, tiny),
         reference.newton_schulz(tiny),
         1e-10,
         "below eps the divisor is eps itself: max(‖G‖_F, eps)",
     )
-    _close(
+    check_attempt_close(
         "newton_schulz [zero 5×7 matrix]",
         _call(m.newton_schulz, torch.zeros(5, 7, dtype=torch.float64)),
         torch.zeros(5, 7, dtype=torch.float64),
@@ -140,7 +126,7 @@ def check_ex1_newton_schulz(m) -> None:
         atol=1e-300,
     )
     G32 = randn(9, 14, seed=131)
-    _close(
+    check_attempt_close(
         "newton_schulz [fp32 input 9×14, vs the fp64 reference]",
         _call(m.newton_schulz, G32),
         reference.newton_schulz(G32.double()).float(),
@@ -164,7 +150,7 @@ def _expected_steps(sigma0: float, target: float, coefficients, max_steps: int) 
 def check_ex2_cubic_newton_schulz(m) -> None:
     sigma = torch.linspace(0.0, 1.7, 52, dtype=torch.float64)
     for steps in (1, 4, 12):
-        _close(
+        check_attempt_close(
             f"cubic_map(σ ∈ [0, 1.7], steps={steps}) [fp64]",
             _call(m.cubic_map, sigma, steps),
             reference.newton_schulz_scalar(sigma, steps, CUBIC),
@@ -172,7 +158,7 @@ def check_ex2_cubic_newton_schulz(m) -> None:
             "f(σ) = 1.5·σ − 0.5·σ³, applied `steps` times",
         )
     sigma32 = sigma.float()
-    _close(
+    check_attempt_close(
         "cubic_map [fp32 input, steps=3]",
         _call(m.cubic_map, sigma32, 3),
         reference.newton_schulz_scalar(sigma32, 3, CUBIC),
@@ -188,7 +174,7 @@ def check_ex2_cubic_newton_schulz(m) -> None:
     ]
     for i, (case, shape, steps) in enumerate(cases):
         G = randn(*shape, seed=200 + i, dtype=torch.float64)
-        _close(
+        check_attempt_close(
             f"newton_schulz_cubic [{case}, steps={steps}, fp64]",
             _call(m.newton_schulz_cubic, G, steps),
             reference.newton_schulz(G, steps, CUBIC),
@@ -202,7 +188,7 @@ def check_ex2_cubic_newton_schulz(m) -> None:
     V, _ = torch.linalg.qr(randn(20, 12, seed=212, dtype=torch.float64))
     singular_values = torch.linspace(0.5, 1.0, 12, dtype=torch.float64)
     G = U @ torch.diag(singular_values) @ V.mT  # [12, 20], σ in [0.5, 1]
-    _close(
+    check_attempt_close(
         "newton_schulz_cubic(G, 30) vs the polar factor U Vᵀ [12×20, σ ∈ [0.5, 1]]",
         _call(m.newton_schulz_cubic, G, 30),
         U @ V.mT,
@@ -318,12 +304,12 @@ def check_ex3_muon_step(m) -> None:
                 hint = "use the EMA form M ← β·M + (1 − β)·G (not the classical M ← β·M + G)"
             if torch.equal(buf, buf0):
                 hint = "update momentum_buffer in place (mul_/add_), do not rebind the name"
-            _close(f"momentum_buffer after muon_step_ {where}", buf, want_buf, 1e-12, hint)
+            check_attempt_close(f"momentum_buffer after muon_step_ {where}", buf, want_buf, 1e-12, hint)
             if torch.equal(param, param0):
                 raise AssertionError(
                     f"muon_step_ {where} left param unchanged. hint: update param in place (mul_, add_)"
                 )
-            _close(
+            check_attempt_close(
                 f"param after muon_step_ {where}", param, want_param, 1e-10, _param_hint(param0, grad, buf0, param, hp)
             )
 
@@ -333,7 +319,9 @@ def check_ex3_muon_step(m) -> None:
     buf = torch.zeros_like(param)
     want_param, _ = _reference_step(param, torch.zeros_like(param), buf, **hp)
     _call(m.muon_step_, param, torch.zeros_like(param), buf, **hp)
-    _close("param after muon_step_ [zero gradient, zero buffer]", param, want_param, 1e-12, "NaN? NS of 0 must be 0")
+    check_attempt_close(
+        "param after muon_step_ [zero gradient, zero buffer]", param, want_param, 1e-12, "NaN? NS of 0 must be 0"
+    )
 
 
 # --- exercise 4 ------------------------------------------------------------------------------------------------
@@ -365,7 +353,7 @@ def _check_max_logits(m) -> None:
     for i, (case, B, H, T, S, causal, dtype) in enumerate(cases):
         q = randn(B, H, T, 4, seed=400 + i, dtype=dtype)
         k = randn(B, H, S, 4, seed=410 + i, dtype=dtype)
-        _close(
+        check_attempt_close(
             f"max_logit_per_head [{case}, {dtype}]",
             _call(m.max_logit_per_head, q, k, 0.5, causal),
             max_logit_per_head(q, k, 0.5, causal),
@@ -377,7 +365,7 @@ def _check_max_logits(m) -> None:
     q = randn(1, 2, 4, 4, seed=420)
     k = randn(1, 2, 4, 4, seed=421)
     k[:, :, -1] = 50 * q[:, :, 0]  # key 3 aligns with query 0, which must not see it
-    _close(
+    check_attempt_close(
         "max_logit_per_head [causal, the largest logit is a masked future key]",
         _call(m.max_logit_per_head, q, k, 1.0, True),
         max_logit_per_head(q, k, 1.0, True),
@@ -407,10 +395,14 @@ def _check_qk_clip_mha(m, bias: bool) -> None:
         mine.k_proj.bias,
     )
     case = f"4 heads, S_max = {max_logits.tolist()}, τ = {threshold}, bias={bias}"
-    _close(f"γ returned by qk_clip_ [{case}]", got_gamma, want_gamma, 1e-6, "γ_h = τ/S_max[h] if S_max[h] > τ, else 1")
+    check_attempt_close(
+        f"γ returned by qk_clip_ [{case}]", got_gamma, want_gamma, 1e-6, "γ_h = τ/S_max[h] if S_max[h] > τ, else 1"
+    )
     for name, p in mine.named_parameters():
         want = dict(ref.named_parameters())[name].detach()
-        _close(f"{name} after qk_clip_ [{case}]", p.detach(), want, 1e-6, "rows h·d:(h+1)·d of q and k times √γ_h")
+        check_attempt_close(
+            f"{name} after qk_clip_ [{case}]", p.detach(), want, 1e-6, "rows h·d:(h+1)·d of q and k times √γ_h"
+        )
         for head in (0, 2):  # not clipped: bit-for-bit unchanged
             rows = slice(head * head_dim, (head + 1) * head_dim)
             if not torch.equal(p.detach()[rows], before[name][rows]):
@@ -420,7 +412,7 @@ def _check_qk_clip_mha(m, bias: bool) -> None:
                 )
     x = randn(2, 5, 8, seed=440, dtype=torch.float64)
     ratio = mine.logits(x) / _ToyAttention(8, n_heads, head_dim, bias, seed=430).logits(x)  # [B, H, T, T]
-    _close(
+    check_attempt_close(
         f"logits after / before qk_clip_, per head [{case}]",
         ratio,
         want_gamma.double()[None, :, None, None].expand_as(ratio),
@@ -451,7 +443,9 @@ def _check_qk_clip_mla(m) -> None:
     mine = [w.clone() for w in weights]
     got_gamma = _call(m.qk_clip_mla_, mine[0], mine[1], mine[2], max_logits.clone(), threshold)
     case = f"MLA, 4 heads, S_max = {[round(v, 3) for v in max_logits.tolist()]}, τ = {threshold:.4g}"
-    _close(f"γ returned by qk_clip_mla_ [{case}]", got_gamma, want_gamma, 1e-6, "γ_h = τ/S_max[h] if above τ, else 1")
+    check_attempt_close(
+        f"γ returned by qk_clip_mla_ [{case}]", got_gamma, want_gamma, 1e-6, "γ_h = τ/S_max[h] if above τ, else 1"
+    )
     unclipped = (want_gamma == 1).nonzero().flatten().tolist()
     for name, new, old, per_head in zip(("q_c", "k_c", "q_r"), mine[:3], weights[:3], (d_c, d_c, d_r), strict=True):
         for head in unclipped:
@@ -465,7 +459,7 @@ def _check_qk_clip_mla(m) -> None:
     for h in range(n_heads):
         if want_gamma[h] < 1 and math.isclose(scaled_rows[h], math.sqrt(float(want_gamma[h])), rel_tol=1e-6):
             hint = f"head {h}'s q^R rows were scaled by √γ_h; k^R is shared and unscaled, so q^R needs the full γ_h"
-    _close(
+    check_attempt_close(
         f"logits after / before qk_clip_mla_, per head [{case}]",
         ratio,
         want_gamma.double()[None, :, None, None].expand_as(ratio),
@@ -521,7 +515,7 @@ def _gram_case(m, recorder, case, X, block, alpha=1.0, Y=None, beta=0.0, rtol=1e
             f"in {where}. hint: launch every upper tile (i ≤ j); store the tile where col ≥ row and its transpose "
             "where col > row"
         )
-    _close(
+    check_attempt_close(
         f"gram_triton [{case}]",
         got,
         want.to(X.dtype),
@@ -596,7 +590,7 @@ def check_ex5_triton_gram(m) -> None:
                 f"newton_schulz_step_triton launched _gram_kernel {len(recorder.grids)} times, expected 2: "
                 "A = gram_triton(X) and B = gram_triton(A, alpha=c, Y=A, beta=b) (A is symmetric, so A·A = A·Aᵀ)"
             )
-        _close(
+        check_attempt_close(
             "newton_schulz_step_triton [X [2, 12, 30], ‖X‖_F = 1, vs one step of the reference]",
             got,
             reference.newton_schulz(X, steps=1).float(),

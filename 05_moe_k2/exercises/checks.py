@@ -7,30 +7,11 @@ AssertionError naming the case, the element and the size of the error.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from nanokimi.grade import call_attempt as _call
 from nanokimi.moe import grouped_matmul, permute, route, routed_experts, unpermute_combine, update_expert_bias
-from nanokimi.testing import assert_close, kernel_device, poisoned_like, randn
-
-
-@contextmanager
-def _poisoned_empty() -> Iterator[None]:
-    """While active, ``torch.empty``/``empty_like`` return poisoned tensors (NaN, or the integer dtype's max), so
-    an output the kernel never wrote fails the comparison instead of passing by luck."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poisoned(maker):
-        return lambda *args, **kwargs: poisoned_like(maker(*args, **kwargs))
-
-    torch.empty, torch.empty_like = poisoned(real_empty), poisoned(real_empty_like)
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
+from nanokimi.testing import assert_close, kernel_device, poisoned_empty, randn
 
 
 def _assert_equal(name: str, got: object, want: torch.Tensor) -> None:
@@ -296,7 +277,7 @@ def check_ex4_triton_permute(m) -> None:
     ]
     for case, topk_idx, n_experts, block_m in cases:
         want = permute(topk_idx, n_experts, block_m)
-        with _poisoned_empty():
+        with poisoned_empty():
             got = _call(m.permute_triton, topk_idx, n_experts, block_m)
         for field in ("n_experts", "top_k", "block_m"):
             if getattr(got, field, None) != getattr(want, field):
@@ -329,7 +310,7 @@ def check_ex5_grouped_swiglu(m) -> None:
         x64 = randn(n, d, seed=70 + i, dtype=torch.float64)
         w_gate, w_up, w_down = _experts(e, d, f, seed=80 + 3 * i)
         x, w_gate32, w_up32 = (t.to(dev, torch.float32) for t in (x64, w_gate, w_up))
-        with _poisoned_empty():
+        with poisoned_empty():
             act = _call(m.grouped_swiglu, x, perm, w_gate32, w_up32)
         if not isinstance(act, torch.Tensor) or tuple(act.shape) != (perm.n_rows, f):
             got = tuple(act.shape) if isinstance(act, torch.Tensor) else type(act).__name__

@@ -7,32 +7,13 @@ AssertionError naming the case, the element and the size of the error.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from nanokimi.grade import call_attempt as _call
 from nanokimi.rl import grpo_loss, k15_loss, length_reward, token_logprobs_reference
-from nanokimi.testing import assert_close, kernel_device, poisoned_like, randn
+from nanokimi.testing import assert_close, kernel_device, poisoned_empty, randn
 
 F64 = torch.float64
-
-
-@contextmanager
-def _poisoned_empty() -> Iterator[None]:
-    """While active, ``torch.empty``/``empty_like`` return NaN-filled tensors, so an output the kernel never wrote
-    fails the comparison instead of passing by luck."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poisoned(maker):
-        return lambda *args, **kwargs: poisoned_like(maker(*args, **kwargs))
-
-    torch.empty, torch.empty_like = poisoned(real_empty), poisoned(real_empty_like)
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
 
 
 def _scalar(name: str, got: object) -> torch.Tensor:
@@ -229,7 +210,7 @@ def check_ex4_online_logsumexp(m) -> None:
         if n_rows > 1:
             targets[1] = 0
         logits_dev, targets_dev = logits.to(dev), targets.to(dev)
-        with _poisoned_empty():
+        with poisoned_empty():
             got = _call(m.online_logsumexp, logits_dev, targets_dev, **kwargs)
         if not (isinstance(got, tuple) and len(got) == 2):
             raise AssertionError(f"[{case}] expected a tuple (lse, target_logit), got {type(got).__name__}")

@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -43,23 +41,7 @@ from nanokimi.sim import (
     synthetic_trace,
     tbt_from_token_times,
 )
-from nanokimi.testing import assert_close, kernel_device, poisoned_like, randn
-
-
-@contextmanager
-def _poisoned_empty() -> Iterator[None]:
-    """While active, ``torch.empty``/``empty_like`` return NaN-filled tensors, so an output element the kernel never
-    wrote fails the comparison instead of passing by luck."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poisoned(maker):
-        return lambda *args, **kwargs: poisoned_like(maker(*args, **kwargs))
-
-    torch.empty, torch.empty_like = poisoned(real_empty), poisoned(real_empty_like)
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
+from nanokimi.testing import assert_close, kernel_device, poisoned_empty, randn
 
 
 def _number(name: str, got: object) -> float:
@@ -527,7 +509,7 @@ def check_ex5_triton_paged_decode(m) -> None:
         q, k_cache, v_cache = (t.to(dev, dtype) for t in (q, k_cache, v_cache))
         tables, lens = tables.to(dev), lens.to(dev)
         want = paged_attention_reference(q, k_cache, v_cache, tables, lens, scale)  # [B, H, D] float64
-        with _poisoned_empty():
+        with poisoned_empty():
             got = _call(m.paged_decode, q, k_cache, v_cache, tables, lens, scale)
         if not isinstance(got, torch.Tensor) or got.dtype != dtype:
             what = got.dtype if isinstance(got, torch.Tensor) else type(got).__name__

@@ -9,8 +9,6 @@ fp64. A failure raises AssertionError naming the case, the element and the size 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,8 +16,9 @@ import torch
 
 from nanokimi.data import Batch
 from nanokimi.grade import call_attempt as _call
+from nanokimi.grade import check_attempt_close
 from nanokimi.model import TinyKimi, TinyKimiConfig
-from nanokimi.testing import assert_close, kernel_device, poisoned_like, randn
+from nanokimi.testing import kernel_device, poisoned_empty, randn
 from nanokimi.uncertainty import CUPID, CUPIDOutputs, token_uncertainty_reference
 from nanokimi.uncertainty import metrics as ref_metrics
 
@@ -28,22 +27,6 @@ _TINY = {"d_model": 32, "n_heads": 2, "n_layers": 2, "pattern": "KM", "d_ff": 64
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
-@contextmanager
-def _poisoned_empty() -> Iterator[None]:
-    """While active, ``torch.empty``/``empty_like`` return NaN-filled tensors, so an output the kernel never wrote
-    fails the comparison instead of passing by luck."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poisoned(maker):
-        return lambda *args, **kwargs: poisoned_like(maker(*args, **kwargs))
-
-    torch.empty, torch.empty_like = poisoned(real_empty), poisoned(real_empty_like)
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
-
-
 def _float(name: str, got: object, want: float, tol: float, hint: str = "") -> None:
     """A Python number within ``tol`` of ``want``."""
     if isinstance(got, bool) or not isinstance(got, int | float | np.floating):
@@ -69,20 +52,6 @@ def _array(name: str, got: object, want: np.ndarray, tol: float, hint: str = "")
             f"{name}: {int(bad.sum())} of {want.size} elements off; first at [{i}]: got {got[i]!r}, expected "
             f"{want[i]!r} (limit {tol:g})" + (f"\n  hint: {hint}" if hint else "")
         )
-
-
-def _tensor(name: str, got: object, want: torch.Tensor, rtol: float, hint: str = "") -> None:
-    """``assert_close`` after checking the attempt returned a tensor of the right shape and dtype."""
-    if not isinstance(got, torch.Tensor):
-        raise AssertionError(f"{name}: expected a torch.Tensor, got {type(got).__name__}")
-    if tuple(got.shape) != tuple(want.shape):
-        raise AssertionError(f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-    if got.dtype != want.dtype:
-        raise AssertionError(f"{name}: dtype {got.dtype}, expected {want.dtype}")
-    try:
-        assert_close(name, got, want, rtol_rel=rtol)
-    except AssertionError as err:
-        raise AssertionError(f"{err}\n  hint: {hint}" if hint else str(err)) from None
 
 
 def _tuple(case: str, got: object, n: int, what: str) -> tuple:
@@ -241,13 +210,13 @@ def check_ex3_mahalanobis(m) -> None:
         if not isinstance(got_classes, torch.Tensor) or not torch.equal(got_classes.cpu().long(), classes):
             got_list = got_classes.tolist() if isinstance(got_classes, torch.Tensor) else got_classes
             raise AssertionError(f"[{case}] classes: got {got_list}, expected {classes.tolist()} (sorted, distinct)")
-        _tensor(f"means [{case}] (index = class, dim)", got_means, means.to(dtype), rtol,
+        check_attempt_close(f"means [{case}] (index = class, dim)", got_means, means.to(dtype), rtol,
                 hint="means[c] is the mean of the features whose label is classes[c]")  # fmt: skip
-        _tensor(f"precision [{case}]", got_precision, precision.to(dtype), rtol * 10,
+        check_attempt_close(f"precision [{case}]", got_precision, precision.to(dtype), rtol * 10,
                 hint="Σ = (1/N) Σ_i (f_i − μ_{y_i})(f_i − μ_{y_i})ᵀ (within-class, divided by N) + ridge·I")  # fmt: skip
         # Score with the exact fit, so that a fitting error is not counted twice.
         got_scores = _call(m.mahalanobis_score, queries.clone(), means.to(dtype), precision.to(dtype))
-        _tensor(f"mahalanobis_score [{case}] (index = query)", got_scores, scores.to(dtype), rtol,
+        check_attempt_close(f"mahalanobis_score [{case}] (index = query)", got_scores, scores.to(dtype), rtol,
                 hint="the smallest (f − μ_c)ᵀ P (f − μ_c) over the classes c")  # fmt: skip
 
     # It is a useful score: features far from every class cloud score higher (AUROC > 0.95).
@@ -292,7 +261,7 @@ def _check_loss(case: str, m, out: CUPIDOutputs, targets: torch.Tensor, mask: to
     if not isinstance(got, torch.Tensor) or got.dim() != 0:
         shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
         raise AssertionError(f"[{case}] cupid_loss: expected a 0-d tensor, got {shape}")
-    _tensor(f"cupid_loss [{case}]", got.detach().reshape(1), want.detach().reshape(1), 1e-5,
+    check_attempt_close(f"cupid_loss [{case}]", got.detach().reshape(1), want.detach().reshape(1), 1e-5,
             hint="means over the masked tokens only (reduce over V or D first); the feature term enters with "
             "−λ_pert; hetero = ½(b·e^{−s} + s)")  # fmt: skip
     if got.grad_fn is None:
@@ -301,7 +270,7 @@ def _check_loss(case: str, m, out: CUPIDOutputs, targets: torch.Tensor, mask: to
     for k in names:
         if mine[k].grad is None:
             raise AssertionError(f"[{case}] d loss / d {k}: no gradient reached {k}")
-        _tensor(f"d loss / d {k} [{case}]", mine[k].grad, leaves[k].grad, 1e-5,
+        check_attempt_close(f"d loss / d {k} [{case}]", mine[k].grad, leaves[k].grad, 1e-5,
                 hint="positions outside the mask must get zero gradient")  # fmt: skip
 
 
@@ -353,16 +322,16 @@ def check_ex4_cupid_loss(m) -> None:
     _check_loss("CUPID at layer 1 of a tiny TinyKimi", m, out, targets, mask, (1.0, 0.01, 9e-3))
     got = _tuple("scores", _call(m.cupid_token_scores, out.base_logits, out.insert_logits, out.log_var), 2,
                  "(aleatoric, epistemic)")  # fmt: skip
-    _tensor("aleatoric [CUPID at layer 1] (index = example, position)", got[0], want_scores["aleatoric"], 1e-6,
+    check_attempt_close("aleatoric [CUPID at layer 1] (index = example, position)", got[0], want_scores["aleatoric"], 1e-6,
             hint="aleatoric = e^s per token")  # fmt: skip
-    _tensor("epistemic [CUPID at layer 1] (index = example, position)", got[1], want_scores["epistemic"], 1e-6,
+    check_attempt_close("epistemic [CUPID at layer 1] (index = example, position)", got[1], want_scores["epistemic"], 1e-6,
             hint="epistemic = mean over v of |softmax(ẑ)_v − softmax(z)_v| (probabilities, not logits)")  # fmt: skip
 
 
 # --- exercise 5 ------------------------------------------------------------------------------------------------
 def _check_stats(case: str, m, logits: torch.Tensor, block_n: int, block_v: int) -> None:
     want = token_uncertainty_reference(logits.double())  # fp64 on the same (fp32 or bf16) values
-    with _poisoned_empty():
+    with poisoned_empty():
         got = _call(m.token_stats, logits, block_n, block_v)
     got = _tuple(case, got, 3, "(max_prob, entropy, lse)")
     hints = {
@@ -385,7 +354,7 @@ def _check_stats(case: str, m, logits: torch.Tensor, block_n: int, block_v: int)
                 "grid does not cover stays NaN (cdiv the rows); otherwise shift by 0 while the max is still −inf "
                 "and clamp z − m so that a −inf entry adds 0·(finite) to u"
             )
-        _tensor(label, g[~nan_want].double(), w[~nan_want], 1e-5, hint=hints[name])
+        check_attempt_close(label, g[~nan_want].double(), w[~nan_want], 1e-5, hint=hints[name])
 
 
 def check_ex5_triton_token_stats(m) -> None:
