@@ -41,3 +41,12 @@ def dtype_grid(request, device) -> torch.dtype:
     if dtype is torch.bfloat16 and device.type != "cuda":
         pytest.skip("bf16 kernels are tested compiled on the GPU only (the interpreter has no bf16 math)")
     return dtype
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored afterwards: tiny models run fastest that way on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -40,13 +40,7 @@ from nanokimi.uncertainty.sites import run_with_sites, site_module
 TOY = {"d_model": 32, "n_heads": 2, "n_layers": 2, "pattern": "KM", "d_ff": 64, "moe_d_ff": 32, "first_k_dense": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread on a shared CPU; the setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def tiny_model(seed: int = 0, **overrides) -> TinyKimi:
