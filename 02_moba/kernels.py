@@ -53,7 +53,8 @@ Cost: with ``T ≫ k·B`` each query reads ≤ k·B keys instead of T/2 on avera
 attention is ≈ T / (2kB) (4× at 32K and 16× at 128K for B = 512, k = 8), minus the pair-buffer traffic
 (≈ 2·(k−1)·D·2 bytes per query each way) and the backward's two extra matmuls. Precision: bf16/fp16 tensor-core
 dots with fp32 accumulation, softmax statistics in fp32 and base 2 (``exp2``, ``lse`` stored in log2 units);
-fp32 inputs use exact fp32 dots (``input_precision="ieee"``), slow but reference-accurate.
+fp32 inputs use three-pass TF32 dots on the GPU (``input_precision="tf32x3"``, ≈ fp32 accuracy at tensor-core
+speed) and exact fp32 under the interpreter.
 """
 
 from __future__ import annotations
@@ -101,8 +102,17 @@ INTERPRETER_TILES = {
 }
 
 
-def _tiles(kernel: str) -> dict:
-    return dict((INTERPRETER_TILES if interpreting() else GPU_TILES)[kernel])
+# fp32 operands take twice the shared memory of 16-bit ones per pipeline stage (and tf32x3 dots keep split
+# copies), so compiled fp32 launches use fewer stages: with the 16-bit settings the dQ kernels asked for 256 KB
+# at D = 128 (the H100 has 227 KB per block).
+GPU_FP32_STAGES = {"fwd_pairs": 2, "fwd_self": 2, "bwd_dkdv": 2, "bwd_dq_pairs": 1, "bwd_dq_self": 1}
+
+
+def _tiles(kernel: str, dtype: torch.dtype | None = None) -> dict:
+    cfg = dict((INTERPRETER_TILES if interpreting() else GPU_TILES)[kernel])
+    if dtype == torch.float32 and not interpreting() and kernel in GPU_FP32_STAGES:
+        cfg["num_stages"] = GPU_FP32_STAGES[kernel]
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -741,8 +751,13 @@ def _pad_head_dim(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 dots; 16-bit inputs run on tensor cores (the setting is then unused)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs: on the GPU each dot is three TF32 tensor-core products ("tf32x3": big·big + big·small +
+    small·big, ≈ 1e-6 relative error), under the interpreter exact NumPy fp32. Exact fp32 (``"ieee"``) dots
+    would run on the CUDA cores instead of the tensor cores. 16-bit inputs run on the tensor cores natively (the
+    setting is then unused)."""
+    if dtype == torch.float32:
+        return "ieee" if interpreting() else "tf32x3"
+    return "tf32"
 
 
 def _check_inputs(q, k, v, block_size, topk) -> tuple[int, int, int, int, int]:
@@ -909,7 +924,7 @@ def _forward(q, k, v, block_size: int, topk: int, scale: float, track_max: bool,
     lse_part = torch.empty(max(n_pairs, 1), device=dev, dtype=torch.float32)
     max_part = torch.empty(max(n_pairs, 1) if track_max else 1, device=dev, dtype=torch.float32)
     if plan is not None:
-        cfg = _tiles("fwd_pairs")
+        cfg = _tiles("fwd_pairs", q.dtype)
         _fwd_pairs_kernel[(plan.tile_group.numel(),)](
             q,
             k,
@@ -936,7 +951,7 @@ def _forward(q, k, v, block_size: int, topk: int, scale: float, track_max: bool,
             PRECISION=precision,
             **cfg,
         )
-    cfg = _tiles("fwd_self")
+    cfg = _tiles("fwd_self", q.dtype)
     _fwd_self_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), BH)](
         q,
         k,
@@ -980,7 +995,7 @@ def _backward(q, k, v, o, lse, do, plan: GatherPlan | None, block_size: int, sca
     _bwd_delta_kernel[(triton.cdiv(Tq, delta_m), BH)](o, do, delta, Tq, H, *q.stride()[:3], HEAD_DIM=D, BLOCK_M=delta_m)
     has_pairs = plan is not None
     dummy = lse
-    cfg = _tiles("bwd_dkdv")
+    cfg = _tiles("bwd_dkdv", q.dtype)
     n_sub = triton.cdiv(block_size, cfg["BLOCK_N"])
     _bwd_dkdv_kernel[(n_blocks * n_sub, BH)](
         q,
@@ -1012,7 +1027,7 @@ def _backward(q, k, v, o, lse, do, plan: GatherPlan | None, block_size: int, sca
     )
     dq_part = torch.empty(max(plan.n_pairs_max, 1) if has_pairs else 1, D, device=dev, dtype=q.dtype)
     if has_pairs:
-        cfg = _tiles("bwd_dq_pairs")
+        cfg = _tiles("bwd_dq_pairs", q.dtype)
         _bwd_dq_pairs_kernel[(plan.tile_group.numel(),)](
             q,
             k,
@@ -1041,7 +1056,7 @@ def _backward(q, k, v, o, lse, do, plan: GatherPlan | None, block_size: int, sca
             PRECISION=precision,
             **cfg,
         )
-    cfg = _tiles("bwd_dq_self")
+    cfg = _tiles("bwd_dq_self", q.dtype)
     _bwd_dq_self_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), BH)](
         q,
         k,

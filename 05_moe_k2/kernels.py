@@ -67,8 +67,12 @@ def default_block_m() -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32 accuracy (no TF32 rounding on the GPU); 16-bit inputs use the tensor cores natively.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs keep fp32-level accuracy: on the GPU three TF32 tensor-core products per dot ("tf32x3":
+    # big·big + big·small + small·big, ≈ 1e-6 relative), exact NumPy fp32 under the interpreter. Exact "ieee"
+    # dots would run on the CUDA cores, several times slower. 16-bit inputs use the tensor cores natively.
+    if dtype == torch.float32:
+        return "ieee" if interpreting() else "tf32x3"
+    return "tf32"
 
 
 # --- permutation ---------------------------------------------------------------------------------------
@@ -178,14 +182,14 @@ def _configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[trito
     return autotune_configs([interpreter]) if interpreting() else gpu
 
 
-def _fp32_prune(fp32_config: triton.Config):
-    """Autotune pruning: fp32 operands take 2× the shared memory of bf16 ones and run ``ieee`` dots on CUDA
-    cores, so compiled fp32 launches use one small tile instead of the bf16 candidates (which would not fit)."""
+def _fp32_prune(fp32_configs: list[triton.Config]):
+    """Autotune pruning: fp32 operands take 2× the shared memory of bf16 ones (the bf16 candidates would not
+    fit), so compiled fp32 launches choose among their own smaller tiles."""
 
     def prune(configs, named_args, **kwargs):
         first_tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
         if first_tensor.dtype == torch.float32 and not interpreting():
-            return [fp32_config]
+            return fp32_configs
         return configs
 
     return {"early_config_prune": prune}
@@ -232,8 +236,8 @@ _WGRAD_CONFIGS = _configs(
     ],
     _wgrad_tile(32, 32, 16, 4, 1),
 )
-_FP32_GEMM = _tile(32, 32, 4, 2)
-_FP32_WGRAD = _wgrad_tile(64, 64, 32, 4, 2)
+_FP32_GEMM = [_tile(32, 32, 4, 2), _tile(64, 32, 4, 3)]
+_FP32_WGRAD = [_wgrad_tile(64, 64, 32, 4, 2), _wgrad_tile(64, 64, 32, 4, 3)]
 _COMBINE_CONFIGS = _configs(
     [
         triton.Config({"BLOCK_T": 16, "BLOCK_D": 256}, num_warps=4),
@@ -724,7 +728,7 @@ class _RoutedExperts(torch.autograd.Function):
         d_gate = torch.empty_like(gate)
         d_up = torch.empty_like(up)
         act_w = torch.empty_like(gate)
-        max_blocks_n = triton.cdiv(d_ff, min(c.kwargs["BLOCK_N"] for c in [*_SWIGLU_BWD_CONFIGS, _FP32_GEMM]))
+        max_blocks_n = triton.cdiv(d_ff, min(c.kwargs["BLOCK_N"] for c in [*_SWIGLU_BWD_CONFIGS, *_FP32_GEMM]))
         dw_partial = torch.empty((max_blocks_n, perm.n_rows), dtype=torch.float32, device=x.device)
         grid = lambda meta: (perm.n_tiles * triton.cdiv(d_ff, meta["BLOCK_N"]),)
         if perm.n_tiles:
