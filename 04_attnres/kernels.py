@@ -17,19 +17,32 @@ Backward (dz = ∂L/∂z; the RMSNorm Jacobian gives ∂z_{s,i}/∂v_i = r_i u_s
 
 What one program computes:
 
-* phase 1: D is walked in chunks of ``BLOCK_D`` twice. Pass 1 reads every source once to build the logits;
-  pass 2 walks the chunks in reverse order (the chunks read last are still in L2) to write the S outputs. Forward
-  and backward programs take a tile of ``BLOCK_M`` tokens ([BLOCK_M, S, BLOCK_D] tiles of the outputs, or of do;
-  the backward's pass 1 also forms dp = do·v, its pass 2 writes the N source gradients). The source count N is a
-  runtime loop: one compiled kernel serves every N up to ``N_PAD``.
+* phase 1, forward and backward: a tile of ``BLOCK_M`` = 2 tokens as one small matrix problem per D chunk, so
+  that tensor cores do the reductions over D. Rows r = (token, source), R = BLOCK_M·N_ROWS of them; columns
+  c = (token, query), C = BLOCK_M·S_COLS; N and S are padded to powers of two (rows and columns past N or S are
+  masked). Per chunk, a [R, BLOCK_D] tile of sources V and [C, BLOCK_D] tiles of queries U (u_s repeated per token)
+  or of do give every dot product at once: V Uᵀ [R, C] holds u_s·v_i, V doᵀ holds dp_{s,i}. Only the block
+  diagonal (row and column of the same token) is used: the softmax of a column runs over its token's rows, and
+  P (p_{s,i} on the block diagonal, 0 elsewhere) turns the mixing sums into dots too: out = Pᵀ V [C, BLOCK_D],
+  dv = P do + A U [R, BLOCK_D] with A = a on the block diagonal. The off-diagonal blocks are wasted tensor-core
+  work (a factor BLOCK_M), which costs far less than the CUDA-core reductions it replaces (one multiply-and-reduce
+  over D per source, query and chunk: the previous kernels, 2.9 ms for this backward at the benchmark shape).
+  D is walked in chunks of ``BLOCK_D`` twice: pass 1 builds the dot products, pass 2 walks the chunks in reverse
+  (the chunks pass 1 read last are still cached) to write out (forward) or dv (backward). The forward also stores
+  the logits z [N, M, S] and r [N, M] (fp32, N·S + N values per token); the backward reads them back, so its
+  pass 1 only forms dp = do·v (no U, no Σv²). Per token the backward reads N·D + S·D elements twice (the second
+  time mostly from L2) and writes N·D.
 * phase 2 (fwd and bwd): ``BLOCK_M`` whole rows (``BLOCK_D ≥ D``, so D ≤ 16384) in one pass, like a fused RMSNorm.
-* query gradients: du is a reduction over all tokens, so the backward kernels store a = dz·r per token and a
+* query gradients: du is a reduction over all tokens, so the backward kernel stores a = dz·r per token and a
   separate kernel forms du = Σ_i a_iᵀ v_i with ``tl.dot`` over token splits (grid: D chunks × splits,
   deterministic, no atomics); a last kernel adds the splits and applies the chain rule through u = q ⊙ g.
 
-Memory traffic is the cost (the op is memory-bound): phase 1 reads N·D and writes S·D elements per token; the
-backward reads N·D + S·D and writes N·D. All math is fp32; outputs are stored in the sources' dtype (the merge
-step's running sum x in ``sum_dtype``).
+Precision: all math is fp32; outputs are stored in the sources' dtype (the merge step's running sum x in
+``sum_dtype``). With fp32 sources every ``tl.dot`` runs in IEEE fp32. With 16-bit sources a product of two stored
+values (do·v) runs in TF32, which is exact for them (their 8- or 11-bit significands fit TF32's 11 bits), and a
+product with an fp32 operand (u, p, a) runs as "tf32x3" (three TF32 products of a big/small split), which keeps
+fp32-level accuracy: one TF32 product would put 2⁻¹¹ relative errors into the logits (the bf16 lse test allows
+1e-5).
 """
 
 from __future__ import annotations
@@ -58,69 +71,82 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _token_tile(M, N, S, N_ROWS: tl.constexpr, S_COLS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Index vectors of one program's tile of BLOCK_M consecutive tokens: row r = (token r // N_ROWS, source
+    r % N_ROWS), column c = (token c // S_COLS, query c % S_COLS), which rows and columns exist, and the [R, C]
+    block diagonal (row and column of the same token)."""
+    first = tl.program_id(0) * BLOCK_M
+    r = tl.arange(0, BLOCK_M * N_ROWS)
+    c = tl.arange(0, BLOCK_M * S_COLS)
+    src, tok_r = r % N_ROWS, first + r // N_ROWS  # [R]
+    qry, tok_c = c % S_COLS, first + c // S_COLS  # [C]
+    row_ok = (src < N) & (tok_r < M)
+    col_ok = (qry < S) & (tok_c < M)
+    same_token = (r // N_ROWS)[:, None] == (c // S_COLS)[None, :]  # [R, C]
+    return src, tok_r, row_ok, qry, tok_c, col_ok, same_token
+
+
 @triton.jit(do_not_specialize=["N", "M", "S"])
 def _phase1_fwd_kernel(
     values_ptr,  # [N, M, D] sources
     u_ptr,  # [S, D] fp32 effective queries
-    out_ptr,  # [S, M, D] normalised outputs (sources' dtype)
+    out_ptr,  # [S, M, D] normalised outputs (sources' dtype; written only if WRITE_OUT)
     lse_ptr,  # [S, M] fp32
+    z_ptr,  # [N, M, S] fp32 logits, kept for the backward
+    r_ptr,  # [N, M] fp32 rms(v)⁻¹, kept for the backward
     N,
     M,
     D,
     S,
     eps,
     WRITE_OUT: tl.constexpr,
-    S_PAD: tl.constexpr,
-    N_PAD: tl.constexpr,
+    N_ROWS: tl.constexpr,
+    S_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,  # tl.dot precision of a product with an fp32 operand (u, p): see _dot_precisions
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    row_ok = rows < M
-    row_off = tl.cast(rows, tl.int64) * D  # [BM]
+    src, tok_r, row_ok, qry, tok_c, col_ok, same_token = _token_tile(M, N, S, N_ROWS, S_COLS, BLOCK_M)
     plane = tl.cast(M, tl.int64) * D  # elements per source (and per output)
-    s_idx = tl.arange(0, S_PAD)
-    s_ok = s_idx < S
-    n_idx = tl.arange(0, N_PAD)
-    cols = tl.arange(0, BLOCK_D)
+    v_row = tl.cast(src, tl.int64) * plane + tl.cast(tok_r, tl.int64) * D  # [R] start of each row's source
+    o_row = tl.cast(qry, tl.int64) * plane + tl.cast(tok_c, tl.int64) * D  # [C] start of each column's output
+    u_row = tl.where(qry < S, qry, 0) * D  # [C] (a padded query reads row 0, masked to zero)
 
-    # pass 1: Σ v² and u_s·v_i for every (token, query, source)
-    sumsq = tl.zeros([BLOCK_M, N_PAD], tl.float32)
-    dots = tl.zeros([BLOCK_M, S_PAD, N_PAD], tl.float32)
+    # pass 1: Σ v² per row and u_s·v_i for every (row, column) pair, one tensor-core dot per D chunk
+    sumsq = tl.zeros([BLOCK_M * N_ROWS, BLOCK_D], tl.float32)  # reduced over D once, after the loop
+    dots = tl.zeros([BLOCK_M * N_ROWS, BLOCK_M * S_COLS], tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        c = d0 + cols
-        c_ok = c < D
-        u = tl.load(u_ptr + s_idx[:, None] * D + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0)
-        for i in range(N):
-            v_ptrs = values_ptr + tl.cast(i, tl.int64) * plane + row_off[:, None] + c[None, :]
-            v = tl.load(v_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)  # [BM, BD]
-            is_i = n_idx == i
-            sumsq += tl.where(is_i[None, :], tl.sum(v * v, axis=1)[:, None], 0.0)
-            dots += tl.where(is_i[None, None, :], tl.sum(v[:, None, :] * u[None, :, :], axis=2)[:, :, None], 0.0)
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        v = tl.load(values_ptr + v_row[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        v = v.to(tl.float32)  # [R, BD]
+        u = tl.load(u_ptr + u_row[:, None] + d[None, :], mask=(qry < S)[:, None] & d_ok[None, :], other=0.0)
+        sumsq += v * v
+        dots = tl.dot(v, tl.trans(u), dots, input_precision=SPLIT)  # [R, C]
 
-    inv_rms = tl.rsqrt(sumsq / D + eps)  # [BM, N_PAD]
-    logits = tl.where((n_idx < N)[None, None, :], dots * inv_rms[:, None, :], float("-inf"))  # [BM, S_PAD, N_PAD]
-    row_max = tl.max(logits, axis=2)
-    lse = row_max + tl.log(tl.sum(tl.exp(logits - row_max[:, :, None]), axis=2))  # [BM, S_PAD]
-    s_off = tl.cast(s_idx, tl.int64)
-    tl.store(lse_ptr + s_off[None, :] * M + rows[:, None], lse, mask=row_ok[:, None] & s_ok[None, :])
+    # softmax of each column over its token's sources; p = 0 off the block diagonal
+    inv_rms = tl.rsqrt(tl.sum(sumsq, axis=1) / D + eps)  # [R]
+    z = dots * inv_rms[:, None]  # [R, C]
+    logits = tl.where(same_token & (src < N)[:, None], z, float("-inf"))
+    col_max = tl.max(logits, axis=0)
+    lse = col_max + tl.log(tl.sum(tl.exp(logits - col_max[None, :]), axis=0))  # [C]
+    tl.store(lse_ptr + tl.cast(qry, tl.int64) * M + tok_c, lse, mask=col_ok)
+    triple = same_token & row_ok[:, None] & (qry < S)[None, :]  # the (token, source, query) entries
+    tl.store(z_ptr + (tl.cast(src, tl.int64) * M + tok_r)[:, None] * S + qry[None, :], z, mask=triple)
+    tl.store(r_ptr + tl.cast(src, tl.int64) * M + tok_r, inv_rms, mask=row_ok)
 
     if WRITE_OUT:
-        probs = tl.exp(logits - lse[:, :, None])  # [BM, S_PAD, N_PAD]; 0 for padded sources
-        n_chunks = (D + BLOCK_D - 1) // BLOCK_D
+        # pass 2 (chunks in reverse: the chunks pass 1 read last are still cached): o_s = Σ_i p_{s,i} v_i
+        probs = tl.exp(logits - lse[None, :])  # [R, C]
+        n_chunks = tl.cdiv(D, BLOCK_D)
         for k in range(n_chunks):
-            d0 = (n_chunks - 1 - k) * BLOCK_D  # reverse order: the chunks pass 1 read last are still cached
-            c = d0 + cols
-            c_ok = c < D
-            acc = tl.zeros([BLOCK_M, S_PAD, BLOCK_D], tl.float32)
-            for i in range(N):
-                v_ptrs = values_ptr + tl.cast(i, tl.int64) * plane + row_off[:, None] + c[None, :]
-                v = tl.load(v_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                p_i = tl.sum(tl.where((n_idx == i)[None, None, :], probs, 0.0), axis=2)  # [BM, S_PAD]
-                acc += p_i[:, :, None] * v[:, None, :]
-            o_ptrs = out_ptr + s_off[None, :, None] * plane + row_off[:, None, None] + c[None, None, :]
-            o_mask = row_ok[:, None, None] & s_ok[None, :, None] & c_ok[None, None, :]
-            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+            d = (n_chunks - 1 - k) * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            v = tl.load(values_ptr + v_row[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            out = tl.dot(tl.trans(probs), v.to(tl.float32), input_precision=SPLIT)  # [C, BD]
+            o_mask = col_ok[:, None] & d_ok[None, :]
+            tl.store(out_ptr + o_row[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit(do_not_specialize=["N", "M", "S"])
@@ -129,96 +155,72 @@ def _phase1_bwd_kernel(
     u_ptr,  # [S, D] fp32
     dout_ptr,  # [S, M, D] (read only if HAS_DOUT)
     dlse_ptr,  # [S, M] fp32 (read only if HAS_DLSE)
+    lse_ptr,  # [S, M] fp32, the forward's
+    z_ptr,  # [N, M, S] fp32, the forward's logits
+    r_ptr,  # [N, M] fp32, the forward's rms(v)⁻¹
     dvalues_ptr,  # [N, M, D] sources' dtype
     a_ptr,  # [N, M, S] fp32: a = dz·r, for the query-gradient reduction
     N,
     M,
     D,
     S,
-    eps,
     HAS_DOUT: tl.constexpr,
     HAS_DLSE: tl.constexpr,
-    S_PAD: tl.constexpr,
-    N_PAD: tl.constexpr,
+    N_ROWS: tl.constexpr,
+    S_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EXACT: tl.constexpr,  # tl.dot precision of a product of two stored values (do·v)
+    SPLIT: tl.constexpr,  # tl.dot precision of a product with an fp32 operand (u, p, a)
 ):
-    # A tile of BLOCK_M tokens per program, like the forward: [BLOCK_M, S_PAD, BLOCK_D] tiles of do, one
-    # [BLOCK_M, BLOCK_D] source tile at a time, [BLOCK_M, S_PAD, N_PAD] statistics.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    row_ok = rows < M
-    row_off = tl.cast(rows, tl.int64) * D  # [BM]
+    # The forward's tile: rows (token, source), columns (token, query), [R, C] statistics read back from it.
+    src, tok_r, row_ok, qry, tok_c, col_ok, same_token = _token_tile(M, N, S, N_ROWS, S_COLS, BLOCK_M)
     plane = tl.cast(M, tl.int64) * D
-    s_idx = tl.arange(0, S_PAD)
-    s_ok = s_idx < S
-    s_off = tl.cast(s_idx, tl.int64)
-    n_idx = tl.arange(0, N_PAD)
-    n_ok = n_idx < N
-    cols = tl.arange(0, BLOCK_D)
+    v_row = tl.cast(src, tl.int64) * plane + tl.cast(tok_r, tl.int64) * D  # [R]
+    o_row = tl.cast(qry, tl.int64) * plane + tl.cast(tok_c, tl.int64) * D  # [C]
+    u_row = tl.where(qry < S, qry, 0) * D  # [C]
+    triple = same_token & row_ok[:, None] & (qry < S)[None, :]
+    stat_offs = (tl.cast(src, tl.int64) * M + tok_r)[:, None] * S + qry[None, :]  # [R, C] into z and a
+    z = tl.load(z_ptr + stat_offs, mask=triple, other=0.0)
+    lse = tl.load(lse_ptr + tl.cast(qry, tl.int64) * M + tok_c, mask=col_ok, other=0.0)  # [C]
+    probs = tl.where(triple, tl.exp(z - lse[None, :]), 0.0)  # [R, C]
+    inv_rms = tl.load(r_ptr + tl.cast(src, tl.int64) * M + tok_r, mask=row_ok, other=0.0)  # [R]
 
-    # pass 1: Σ v², u_s·v_i and (with an output gradient) dp_{s,i} = do_s·v_i for every token of the tile
-    sumsq = tl.zeros([BLOCK_M, N_PAD], tl.float32)
-    dots = tl.zeros([BLOCK_M, S_PAD, N_PAD], tl.float32)
-    dps = tl.zeros([BLOCK_M, S_PAD, N_PAD], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        c = d0 + cols
-        c_ok = c < D
-        u = tl.load(u_ptr + s_idx[:, None] * D + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0)
-        if HAS_DOUT:
-            do_ptrs = dout_ptr + s_off[None, :, None] * plane + row_off[:, None, None] + c[None, None, :]
-            do_mask = row_ok[:, None, None] & s_ok[None, :, None] & c_ok[None, None, :]
-            do = tl.load(do_ptrs, mask=do_mask, other=0.0).to(tl.float32)  # [BM, S_PAD, BD]
-        for i in range(N):
-            v_ptrs = values_ptr + tl.cast(i, tl.int64) * plane + row_off[:, None] + c[None, :]
-            v = tl.load(v_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)  # [BM, BD]
-            is_i = n_idx == i
-            sumsq += tl.where(is_i[None, :], tl.sum(v * v, axis=1)[:, None], 0.0)
-            dots += tl.where(is_i[None, None, :], tl.sum(v[:, None, :] * u[None, :, :], axis=2)[:, :, None], 0.0)
-            if HAS_DOUT:
-                dps += tl.where(is_i[None, None, :], tl.sum(do * v[:, None, :], axis=2)[:, :, None], 0.0)
-
-    inv_rms = tl.rsqrt(sumsq / D + eps)  # [BM, N_PAD]
-    logits = tl.where(n_ok[None, None, :], dots * inv_rms[:, None, :], float("-inf"))  # [BM, S_PAD, N_PAD]
-    row_max = tl.max(logits, axis=2)
-    lse = row_max + tl.log(tl.sum(tl.exp(logits - row_max[:, :, None]), axis=2))  # [BM, S_PAD]
-    probs = tl.exp(logits - lse[:, :, None])  # [BM, S_PAD, N_PAD]
-    dlogits = tl.zeros([BLOCK_M, S_PAD, N_PAD], tl.float32)
+    dz = tl.zeros([BLOCK_M * N_ROWS, BLOCK_M * S_COLS], tl.float32)  # ∂L/∂z, on the block diagonal
     if HAS_DOUT:
-        expected = tl.sum(probs * dps, axis=2)  # do_s · o_s
-        dlogits += probs * (dps - expected[:, :, None])
+        # pass 1: dp_{s,i} = do_s·v_i for every (row, column) pair, one tensor-core dot per D chunk
+        dps = tl.zeros([BLOCK_M * N_ROWS, BLOCK_M * S_COLS], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            v = tl.load(values_ptr + v_row[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            do_mask = col_ok[:, None] & d_ok[None, :]
+            do = tl.load(dout_ptr + o_row[:, None] + d[None, :], mask=do_mask, other=0.0)  # [C, BD]
+            dps = tl.dot(v.to(tl.float32), tl.trans(do.to(tl.float32)), dps, input_precision=EXACT)  # [R, C]
+        dz += probs * (dps - tl.sum(probs * dps, axis=0)[None, :])  # p (dp − do·o)
     if HAS_DLSE:
-        dlse_mask = row_ok[:, None] & s_ok[None, :]
-        dlse = tl.load(dlse_ptr + s_off[None, :] * M + rows[:, None], mask=dlse_mask, other=0.0)  # [BM, S_PAD]
-        dlogits += probs * dlse[:, :, None]
-    a = dlogits * inv_rms[:, None, :]  # ∂L/∂(u_s · v_i)
-    b = tl.sum(dlogits * tl.where(n_ok[None, None, :], logits, 0.0), axis=1) * inv_rms * inv_rms / D  # [BM, N_PAD]
-    a_ptrs = a_ptr + (tl.cast(n_idx, tl.int64)[None, None, :] * M + rows[:, None, None]) * S + s_idx[None, :, None]
-    tl.store(a_ptrs, a, mask=row_ok[:, None, None] & s_ok[None, :, None] & n_ok[None, None, :])
+        dlse = tl.load(dlse_ptr + tl.cast(qry, tl.int64) * M + tok_c, mask=col_ok, other=0.0)  # [C]
+        dz += probs * dlse[None, :]
+    a = dz * inv_rms[:, None]  # [R, C] ∂L/∂(u_s · v_i)
+    b = tl.sum(dz * z, axis=1) * inv_rms * inv_rms / D  # [R]
+    tl.store(a_ptr + stat_offs, a, mask=triple)
 
-    # pass 2 (chunks in reverse: the chunks pass 1 read last are still cached): dv_i = Σ_s (p_{s,i} do_s + a_{s,i} u_s)
-    # − b_i v_i
-    n_chunks = (D + BLOCK_D - 1) // BLOCK_D
+    # pass 2 (chunks in reverse: the chunks pass 1 read last are still cached):
+    # dv_i = Σ_s a_{s,i} u_s + Σ_s p_{s,i} do_s − b_i v_i, two tensor-core dots per D chunk
+    n_chunks = tl.cdiv(D, BLOCK_D)
     for k in range(n_chunks):
-        d0 = (n_chunks - 1 - k) * BLOCK_D
-        c = d0 + cols
-        c_ok = c < D
-        u = tl.load(u_ptr + s_idx[:, None] * D + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0)
+        d = (n_chunks - 1 - k) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        v_mask = row_ok[:, None] & d_ok[None, :]
+        v = tl.load(values_ptr + v_row[:, None] + d[None, :], mask=v_mask, other=0.0).to(tl.float32)  # [R, BD]
+        u = tl.load(u_ptr + u_row[:, None] + d[None, :], mask=(qry < S)[:, None] & d_ok[None, :], other=0.0)
+        dv = tl.dot(a, u, input_precision=SPLIT)  # [R, BD]
         if HAS_DOUT:
-            do_ptrs = dout_ptr + s_off[None, :, None] * plane + row_off[:, None, None] + c[None, None, :]
-            do_mask = row_ok[:, None, None] & s_ok[None, :, None] & c_ok[None, None, :]
-            do = tl.load(do_ptrs, mask=do_mask, other=0.0).to(tl.float32)
-        for i in range(N):
-            v_ptrs = values_ptr + tl.cast(i, tl.int64) * plane + row_off[:, None] + c[None, :]
-            v = tl.load(v_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)  # [BM, BD]
-            is_i = (n_idx == i)[None, None, :]
-            a_i = tl.sum(tl.where(is_i, a, 0.0), axis=2)  # [BM, S_PAD]
-            b_i = tl.sum(tl.where((n_idx == i)[None, :], b, 0.0), axis=1)  # [BM]
-            mix = a_i[:, :, None] * u[None, :, :]  # [BM, S_PAD, BD]
-            if HAS_DOUT:
-                mix += tl.sum(tl.where(is_i, probs, 0.0), axis=2)[:, :, None] * do
-            dv = tl.sum(mix, axis=1) - b_i[:, None] * v  # [BM, BD]
-            dv_ptrs = dvalues_ptr + tl.cast(i, tl.int64) * plane + row_off[:, None] + c[None, :]
-            tl.store(dv_ptrs, dv.to(dvalues_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
+            do_mask = col_ok[:, None] & d_ok[None, :]
+            do = tl.load(dout_ptr + o_row[:, None] + d[None, :], mask=do_mask, other=0.0).to(tl.float32)
+            dv = tl.dot(probs, do, dv, input_precision=SPLIT)
+        dv -= b[:, None] * v
+        tl.store(dvalues_ptr + v_row[:, None] + d[None, :], dv.to(dvalues_ptr.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -317,9 +319,10 @@ def _query_grad_partial_kernel(
     S_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,  # tl.dot precision (a is fp32): see _dot_precisions
 ):
     # du = Σ_i a_iᵀ v_i over this split's tokens: a matmul [S, T] @ [T, D] per source, one [S_DOT, BLOCK_D] slice of
-    # it per program (S padded to tl.dot's minimum of 16; fp32 "ieee" products so the gradient stays fp32-accurate)
+    # it per program (S padded to tl.dot's minimum of 16)
     pid_d = tl.program_id(0)
     split = tl.program_id(1)
     c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -338,7 +341,7 @@ def _query_grad_partial_kernel(
             v = tl.load(v_ptrs, mask=t_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)  # [BT, BD]
             a_ptrs = a_ptr + (tl.cast(i, tl.int64) * M + t)[:, None] * S + s_idx[None, :]
             a_tile = tl.load(a_ptrs, mask=t_ok[:, None] & s_ok[None, :], other=0.0)  # [BT, S_DOT]
-            acc += tl.dot(tl.trans(a_tile), v, input_precision="ieee")  # [S_DOT, BD]
+            acc += tl.dot(tl.trans(a_tile), v, input_precision=SPLIT)  # [S_DOT, BD]
     out_ptrs = partial_ptr + (tl.cast(split, tl.int64) * S + s_idx[:, None]) * D + c[None, :]
     tl.store(out_ptrs, acc, mask=s_ok[:, None] & c_ok[None, :])
 
@@ -374,20 +377,38 @@ def _query_grad_finish_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # tile sizes (fixed rules rather than autotuning: one compile per shape class, cheap under test)
 # --------------------------------------------------------------------------------------------------------------
-def _phase1_meta(d: int, s_pad: int) -> dict:
-    """Forward: [BLOCK_M, S_PAD, BLOCK_D] temporaries of ≤ 4096 fp32 (BLOCK_M = 4, BLOCK_D = 128 at S = 8 measured
-    best on the H100 among 8 tilings)."""
-    block_d = min(128, triton.next_power_of_2(d))
-    block_m = max(1, min(16, 4096 // (s_pad * block_d)))
-    return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": 4}
+def _phase1_meta(n: int, s: int, d: int, backward: bool) -> dict:
+    """Phase-1 tiles. BLOCK_M = 2 tokens per program; sources and queries padded to powers of two and to
+    ≥ 16 / BLOCK_M, so that both sides of the [R, C] = [BLOCK_M·N_ROWS, BLOCK_M·S_COLS] statistics reach tl.dot's
+    minimum of 16. Warps: one per 16 rows of the tile, because a warp holds a 16-row mma slab and more warps than
+    slabs would each compute the same [R, C] dot; the backward takes 2 at least (its pass-2 dots are
+    [R, BLOCK_D], which warps do split). BLOCK_D: ≤ 1024 values of an [R, BLOCK_D] tile per warp.
+    Tile sweep on the H100 at N = 5, S = 8, 16K tokens, D = 2048 bf16 (R = C = 16): forward with BLOCK_D = 64 on
+    1 / 2 / 4 warps 0.89 / 1.02 / 1.78 ms; backward on 2 warps with BLOCK_D = 64 / 32 1.05 / 1.23 ms."""
+    block_m = 2
+    n_rows = max(triton.next_power_of_2(n), 16 // block_m)
+    s_cols = max(triton.next_power_of_2(s), 16 // block_m)
+    rows = block_m * max(n_rows, s_cols)
+    num_warps = min(4, max(2 if backward else 1, rows // 16))
+    block_d = max(16, min(64, triton.next_power_of_2(d), 1024 * num_warps // rows))
+    return {
+        "BLOCK_M": block_m,
+        "N_ROWS": n_rows,
+        "S_COLS": s_cols,
+        "BLOCK_D": block_d,
+        "num_warps": num_warps,
+        "num_stages": 2,
+    }
 
 
-def _phase1_bwd_meta(d: int, s_pad: int) -> dict:
-    """Backward: [BLOCK_M, S_PAD, BLOCK_D] tiles of ≤ 4096 fp32, like the forward (one token per program left the
-    H100 latency-bound: 10.97 ms for fwd+bwd at N = 5, S = 8, 16K tokens, D = 2048)."""
-    block_d = min(128, triton.next_power_of_2(d))
-    block_m = max(1, min(16, 4096 // (s_pad * block_d)))
-    return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": 4}
+def _dot_precisions(dtype: torch.dtype) -> dict:
+    """tl.dot input precisions. fp32 sources: IEEE fp32 everywhere. 16-bit sources: a product of two stored values
+    (do·v) is exact in TF32 (8- or 11-bit significands fit TF32's 11), so one TF32 tensor-core product; a product
+    with an fp32 operand (u, p, a) runs as three TF32 products ("tf32x3": big·big + big·small + small·big), which
+    keeps fp32-level accuracy."""
+    if dtype == torch.float32:
+        return {"EXACT": "ieee", "SPLIT": "ieee"}
+    return {"EXACT": "tf32", "SPLIT": "tf32x3"}
 
 
 def _merge_meta(d: int) -> dict:
@@ -401,7 +422,7 @@ def _query_grad_meta(m: int, d: int) -> dict:
     """[BLOCK_T, BLOCK_D] tiles of values (tl.dot needs every dim ≥ 16); about 1024 programs over
     (D chunks × token splits)."""
     block_d = max(16, min(128, triton.next_power_of_2(d)))
-    block_t = 64
+    block_t = 32
     splits = max(1, min(triton.cdiv(m, block_t), 1024 // triton.cdiv(d, block_d)))
     tokens_per_split = triton.cdiv(triton.cdiv(m, splits), block_t) * block_t
     return {
@@ -423,60 +444,68 @@ def _effective_queries(queries: torch.Tensor, norm_weight: torch.Tensor | None) 
 
 def _phase1_forward(
     values: torch.Tensor, u: torch.Tensor, eps: float, write_out: bool
-) -> tuple[torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out [S, M, D] (or None), lse [S, M], and for the backward z [N, M, S] and r = rms(v)⁻¹ [N, M] (fp32)."""
     n, m, d = values.shape
     s = u.shape[0]
     lse = torch.empty((s, m), dtype=torch.float32, device=values.device)
+    z = torch.empty((n, m, s), dtype=torch.float32, device=values.device)
+    inv_rms = torch.empty((n, m), dtype=torch.float32, device=values.device)
     out = torch.empty((s, m, d), dtype=values.dtype, device=values.device) if write_out else None
     if m:
-        s_pad, n_pad = triton.next_power_of_2(s), triton.next_power_of_2(n)
-        meta = _phase1_meta(d, s_pad)
-        grid = (triton.cdiv(m, meta["BLOCK_M"]),)
-        _phase1_fwd_kernel[grid](
+        meta = _phase1_meta(n, s, d, backward=False)
+        _phase1_fwd_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
             values,
             u,
             out if write_out else lse,
             lse,
+            z,
+            inv_rms,
             n,
             m,
             d,
             s,
             eps,
             WRITE_OUT=write_out,
-            S_PAD=s_pad,
-            N_PAD=n_pad,
+            SPLIT=_dot_precisions(values.dtype)["SPLIT"],
             **meta,
         )
-    return out, lse
+    return out, lse, z, inv_rms
 
 
 def _phase1_backward(
-    values: torch.Tensor, u: torch.Tensor, eps: float, dout: torch.Tensor | None, dlse: torch.Tensor | None
+    values: torch.Tensor,
+    u: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    dout: torch.Tensor | None,
+    dlse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dvalues [N, M, D] and a = dz·r [N, M, S] (fp32) for the query-gradient reduction."""
+    """dvalues [N, M, D] and a = dz·r [N, M, S] (fp32) for the query-gradient reduction; stats = the forward's
+    (lse, z, r)."""
     n, m, d = values.shape
     s = u.shape[0]
+    lse, z, inv_rms = stats
     dvalues = torch.empty_like(values)
     a = torch.empty((n, m, s), dtype=torch.float32, device=values.device)
     if m:
-        s_pad, n_pad = triton.next_power_of_2(s), triton.next_power_of_2(n)
-        meta = _phase1_bwd_meta(d, s_pad)
+        meta = _phase1_meta(n, s, d, backward=True)
         _phase1_bwd_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
             values,
             u,
             values if dout is None else dout,
-            a if dlse is None else dlse,
+            lse if dlse is None else dlse,
+            lse,
+            z,
+            inv_rms,
             dvalues,
             a,
             n,
             m,
             d,
             s,
-            eps,
             HAS_DOUT=dout is not None,
             HAS_DLSE=dlse is not None,
-            S_PAD=s_pad,
-            N_PAD=n_pad,
+            **_dot_precisions(values.dtype),
             **meta,
         )
     return dvalues, a
@@ -503,6 +532,7 @@ def _query_grads(
         S_DOT=max(16, triton.next_power_of_2(s)),
         BLOCK_T=meta["BLOCK_T"],
         BLOCK_D=meta["BLOCK_D"],
+        SPLIT=_dot_precisions(values.dtype)["SPLIT"],
         num_warps=4,
     )
     q = queries.float().contiguous()
@@ -598,21 +628,21 @@ class _DepthAttention(torch.autograd.Function):
         n, d = sources.shape[0], sources.shape[-1]
         lead = tuple(sources.shape[1:-1])
         values = sources.contiguous().view(n, -1, d)  # [N, M, D]
-        out, lse = _phase1_forward(values, _effective_queries(queries, norm_weight), eps, write_out=True)
-        ctx.save_for_backward(values, queries, norm_weight)
-        ctx.eps, ctx.source_shape = eps, tuple(sources.shape)
+        out, lse, z, inv_rms = _phase1_forward(values, _effective_queries(queries, norm_weight), eps, write_out=True)
+        ctx.save_for_backward(values, queries, norm_weight, lse, z, inv_rms)
+        ctx.source_shape = tuple(sources.shape)
         ctx.set_materialize_grads(False)
         s = queries.shape[0]
         return out.view(s, *lead, d), lse.view(s, *lead)
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        values, queries, norm_weight = ctx.saved_tensors
+        values, queries, norm_weight, *stats = ctx.saved_tensors
         s, m, d = queries.shape[0], values.shape[1], values.shape[2]
         dout = None if dout is None else dout.contiguous().view(s, m, d)
         dlse = None if dlse is None else dlse.float().contiguous().view(s, m)
         u = _effective_queries(queries, norm_weight)
-        dvalues, a = _phase1_backward(values, u, ctx.eps, dout, dlse)
+        dvalues, a = _phase1_backward(values, u, stats, dout, dlse)
         dq, dg = _query_grads(values, a, queries, norm_weight)
         return dvalues.view(ctx.source_shape), dq, dg, None
 
@@ -630,10 +660,11 @@ class _DepthAttentionOverBlocks(torch.autograd.Function):
         n, d = len(blocks), cache.shape[-1]
         lead = tuple(cache.shape[1:-1])
         values = cache[:n].view(n, -1, d)
-        out, lse = _phase1_forward(values, _effective_queries(queries, norm_weight), eps, write_out=with_out)
+        u = _effective_queries(queries, norm_weight)
+        out, lse, z, inv_rms = _phase1_forward(values, u, eps, write_out=with_out)
         ctx.values = values
-        ctx.save_for_backward(queries, norm_weight)
-        ctx.eps, ctx.with_out, ctx.block_shape = eps, with_out, tuple(cache.shape[1:])
+        ctx.save_for_backward(queries, norm_weight, lse, z, inv_rms)
+        ctx.with_out, ctx.block_shape = with_out, tuple(cache.shape[1:])
         ctx.set_materialize_grads(False)
         s = queries.shape[0]
         if with_out:
@@ -642,7 +673,7 @@ class _DepthAttentionOverBlocks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        queries, norm_weight = ctx.saved_tensors
+        queries, norm_weight, *stats = ctx.saved_tensors
         values = ctx.values
         s, (n, m, d) = queries.shape[0], values.shape
         dout = grads[0] if ctx.with_out else None
@@ -650,7 +681,7 @@ class _DepthAttentionOverBlocks(torch.autograd.Function):
         dout = None if dout is None else dout.contiguous().view(s, m, d)
         dlse = None if dlse is None else dlse.float().contiguous().view(s, m)
         u = _effective_queries(queries, norm_weight)
-        dvalues, a = _phase1_backward(values, u, ctx.eps, dout, dlse)
+        dvalues, a = _phase1_backward(values, u, stats, dout, dlse)
         dq, dg = _query_grads(values, a, queries, norm_weight)
         return (None, dq, dg, None, None, *dvalues.view(n, *ctx.block_shape).unbind(0))
 

@@ -226,7 +226,16 @@ def _check_phase1(ref_in, ker_in, dout, dlse, tol_out, tol_grad, tol_lse):
 
 @pytest.mark.parametrize(
     "n, s, lead, d",
-    [(1, 1, (1,), 16), (3, 2, (2, 5), 40), (5, 8, (7,), 64), (4, 3, (1, 63), 24), (9, 5, (3,), 100), (2, 1, (2, 1), 8)],
+    [
+        (1, 1, (1,), 16),
+        (3, 2, (2, 5), 40),
+        (5, 8, (7,), 64),
+        (4, 3, (1, 63), 24),
+        (9, 5, (3,), 100),
+        (2, 1, (2, 1), 8),
+        (33, 1, (3,), 24),  # Full AttnRes' last layers: 64 padded sources per token
+        (3, 16, (5,), 32),  # a block of 16 queries
+    ],
 )
 def test_depth_attention_triton_matches_reference(n, s, lead, d, device):
     ref_in, ker_in, dout, dlse = _phase1_case(n, s, lead, d, seed=40 + n + d, device=device)
@@ -541,6 +550,17 @@ GPU_TOL = {torch.float32: (1e-5, 2e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2, 1e-5)
 @pytest.mark.parametrize("n", [1, 3, 9, 17])
 def test_depth_attention_gpu(n, d, dtype):
     ref_in, ker_in, dout, dlse = _phase1_case(n, 3, (2, 37), d, seed=200 + n + d, device="cuda", dtype=dtype)
+    tol_out, tol_grad, tol_lse = GPU_TOL[dtype]
+    _check_phase1(ref_in, ker_in, dout, dlse, tol_out=tol_out, tol_grad=tol_grad, tol_lse=tol_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n, s", [(5, 8), (33, 1)], ids=["block-attnres", "full-attnres"])
+def test_depth_attention_gpu_stream_shapes(n, s, dtype):
+    """The shapes the stream runs: a block's 8 queries over 5 sources (the benchmark's tile) and Full AttnRes'
+    single query over 33 sources (the largest tile: 4 warps, 64 padded sources per token)."""
+    ref_in, ker_in, dout, dlse = _phase1_case(n, s, (3, 37), 2048, seed=250 + n, device="cuda", dtype=dtype)
     tol_out, tol_grad, tol_lse = GPU_TOL[dtype]
     _check_phase1(ref_in, ker_in, dout, dlse, tol_out=tol_out, tol_grad=tol_grad, tol_lse=tol_lse)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from nanokimi.bench import machine_info
 from nanokimi.train import TrainConfig, train
 
 __all__ = ["run", "main", "LOSS_RTOL"]
@@ -77,8 +78,7 @@ def run(
     ref_ms = 1e3 * statistics.median(m["step_s"] for m in ref[warm])
     tri_ms = 1e3 * statistics.median(m["step_s"] for m in tri[warm])
     result = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
+        **machine_info(),  # device, torch/triton/CUDA versions, date, commit
         "preset": preset,
         "model_overrides": model_overrides or {},
         "task": {"name": "mqar", "pairs": pairs, "queries": pairs, "gap": gap},
