@@ -161,7 +161,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     from nanokimi.kda import kernels
 
-    for name in ("_fwd_state_kernel", "_bwd_state_kernel", "_bwd_dense_kernel"):
+    for name in ("_fwd_state_kernel", "_fwd_output_kernel", "_bwd_state_kernel", "_bwd_dense_kernel"):
         print(f"autotuned {name}: {getattr(kernels, name).best_config}")
     errors = parity(8192, chunk_kda)
     for key, vals in errors.items():

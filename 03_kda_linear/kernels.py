@@ -13,19 +13,24 @@ block (rows in sub-block a, columns in an earlier sub-block b) factors around th
 ``e^{G_r − G_ref} · e^{G_ref − G_i}`` with both exponents ≤ 0, and is a ``tl.dot``; a diagonal 16×16 block is
 summed pairwise, one column per step, with the exact ``e^{G_r − G_i}``. No exponent is ever positive.
 
-Forward, four launches (B batch, H heads, N = ⌈T/C⌉ chunks):
+Forward, five launches (B batch, H heads, N = ⌈T/C⌉ chunks); only the state walk is sequential:
 
 * ``_chunk_cumsum_kernel``  grid (N, B·H): G = in-chunk cumsum of g, fp32.
 * ``_fwd_intra_kernel``     grid (N·C/16, B·H): one 16-row panel of A_qk and A_kk (10 blocks per 64-chunk).
-* ``_fwd_solve_kernel``     grid (N, B·H): X = (I + A_kk)⁻¹ by forward substitution (fp32, row by row), then
-  W, U, ``qg = scale e^G ⊙ Q``, ``kg = e^{G_C − G} ⊙ K``.
-* ``_fwd_state_kernel``     grid (V/BV, B·H): the only sequential part: walks the chunks carrying a [K, BV]
-  slice of S (columns of S evolve independently), emitting O (and S per chunk and Δ for the backward).
+* ``_fwd_solve_kernel``     grid (N, B·H): X = (I + A_kk)⁻¹ in 16×16 blocks, written over A_kk: the diagonal
+  blocks' inverses by forward substitution, all at once (15 dependent steps instead of C − 1), then one block
+  row at a time by two small fp32 dots; then W, U, ``qg = scale e^G ⊙ Q``, ``kg = e^{G_C − G} ⊙ K``.
+* ``_fwd_state_kernel``     grid (V/BV, B·H): the state walk, chunk after chunk with a [K, BV] slice of S
+  (columns of S evolve independently): it saves S at each chunk's start, then ``Δ = U − W S`` (saved) and
+  ``S ← e^{G_C} ⊙ S + kgᵀ Δ``; two dependent dots per chunk, the next chunks' tiles pipelined.
+* ``_fwd_output_kernel``    grid (N·V/BV, B·H): ``O = qg S + A_qk Δ`` for every chunk at once, from the saved S
+  and Δ (it needs nothing of the walk but its results).
 
-Backward, four launches, the reverse of the above (all derivatives by hand, see the README):
+Backward, five launches, the reverse of the above (all derivatives by hand, see the README):
 
-* ``_bwd_state_kernel``  grid (V/BV, B·H), chunks in reverse: ``dΔ = A_qkᵀ dO + kg dS'``,
-  ``dS = e^{G_C} ⊙ dS' + qgᵀ dO − Wᵀ dΔ`` (dS' is the gradient of the state after the chunk).
+* ``_bwd_ddelta_intra_kernel``  grid (N, B·H): the part of dΔ that needs no state gradient, ``A_qkᵀ dO``.
+* ``_bwd_state_kernel``  grid (V/BV, B·H), chunks in reverse (dS' is the gradient of the state after the chunk,
+  saved per chunk): ``dΔ = A_qkᵀ dO + kg dS'``, ``dS = e^{G_C} ⊙ dS' + qgᵀ dO − Wᵀ dΔ``.
 * ``_bwd_dense_kernel``  grid (N, B·H): everything that contracts over V: dV, dA_qk, dA_kk (through X: with
   ``dR = Xᵀ d[W|U]``, ``dA_kk = −StrictTril(dR [W|U]ᵀ)``), and the element-wise gate terms.
 * ``_bwd_intra_kernel``  grid (N·C/16, B·H): the pairwise terms of dA_qk, dA_kk into dq, dk, dG, dβ (same
@@ -158,7 +163,6 @@ def _fwd_solve_kernel(
     gc,
     beta,
     akk,
-    xinv,
     w,
     u,
     qg,
@@ -169,12 +173,20 @@ def _fwd_solve_kernel(
     K: tl.constexpr,
     V: tl.constexpr,
     C: tl.constexpr,
+    BC: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    SAVE_X: tl.constexpr,
     PREC: tl.constexpr,
+    SOLVE_PREC: tl.constexpr,
 ):
-    """One chunk: X = (I + A_kk)⁻¹ (row i: X_i = e_i − Σ_{j<i} A_kk[i, j] X_j), then W, U, qg, kg."""
+    """One chunk: X = (I + A_kk)⁻¹ in BC×BC blocks, written over A_kk, then W, U, qg, kg.
+
+    L = I + A_kk is lower triangular in NC = C/BC block rows. First the inverses of all diagonal blocks at once,
+    ``X_bb = L_bb⁻¹`` by forward substitution (row r: ``X_r = e_r − Σ_{j<r} A_bb[r, j] X_j``, BC − 1 steps on a
+    [NC, BC, BC] tensor instead of C − 1 steps on [C, C]); then block row by block row,
+    ``X_b = X_bb (E_b − A_b,<b X_<b)`` with two small dots, reading the rows X_<b solved before it back from the
+    buffer. Dots in fp32 (``SOLVE_PREC``: IEEE, or three TF32 passes on tensor cores)."""
+    NC: tl.constexpr = C // BC
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     bh = (i_bh // H).to(tl.int64) * T * H + i_bh % H
     q += bh * K
@@ -183,23 +195,40 @@ def _fwd_solve_kernel(
     gc += bh * K
     beta += bh
     akk += bh * C
-    xinv += bh * C
     w += bh * K
     u += bh * V
     qg += bh * K
     kg += bh * K
-    o_c, o_k = tl.arange(0, C), tl.arange(0, BK)
+    o_b, o_j, o_c, o_k = tl.arange(0, NC), tl.arange(0, BC), tl.arange(0, C), tl.arange(0, BK)
     m_k = o_k < K
     t = i_n * C + o_c
     m_t = t < T
+    p_cc = t[:, None] * (H * C) + o_c[None, :]
+    # Diagonal blocks, transposed so that each step sums along the last axis: inv[b, c, j] = X_bb[j, c].
+    t_b0 = i_n * C + o_b * BC  # first row of each block [NC]
+    inv = tl.zeros([NC, BC, BC], dtype=tl.float32) + (o_j[:, None] == o_j[None, :]).to(tl.float32)[None, :, :]
+    for r in tl.static_range(1, BC):
+        m_r = (t_b0 + r < T)[:, None] & (o_j < r)[None, :]
+        a_r = tl.load(akk + (t_b0 + r)[:, None] * (H * C) + (o_b * BC)[:, None] + o_j[None, :], mask=m_r, other=0.0)
+        x_r = (o_j == r).to(tl.float32)[None, :] - tl.sum(inv * a_r[:, None, :], 2)  # [NC, BC]: row r of each X_bb
+        inv = tl.where((o_j == r)[None, None, :], x_r[:, :, None], inv)
+    # Block rows in order: X_b = X_bb (E_b − A_b,<b X_<b), stored over A_kk's rows of block b.
+    for b in tl.static_range(NC):
+        x_bb = tl.trans(tl.sum(tl.where((o_b == b)[:, None, None], inv, 0.0), 0))  # [BC, BC]
+        t_b = i_n * C + b * BC + o_j
+        m_b = t_b < T
+        p_b = t_b[:, None] * (H * C) + o_c[None, :]
+        rhs = ((b * BC + o_j)[:, None] == o_c[None, :]).to(tl.float32)  # E_b [BC, C]
+        if b > 0:
+            a_b = tl.load(akk + p_b, mask=m_b[:, None] & (o_c < b * BC)[None, :], other=0.0)  # A_b,<b
+            x_prev = tl.load(akk + p_cc, mask=m_t[:, None] & (o_c < b * BC)[:, None], other=0.0)  # X_<b
+            rhs -= tl.dot(a_b, x_prev, input_precision=SOLVE_PREC)
+        x_b = tl.dot(x_bb, rhs, input_precision=SOLVE_PREC)  # [BC, C]
+        tl.debug_barrier()  # every thread has read block row b of A_kk before it is overwritten
+        tl.store(akk + p_b, x_b, mask=m_b[:, None])
+        tl.debug_barrier()  # and X_b is visible to the whole program before the next block row reads it
+    x = tl.load(akk + p_cc, mask=m_t[:, None], other=0.0)  # X [C, C]
     n_valid = tl.minimum(T - i_n * C, C)
-    x = (o_c[:, None] == o_c[None, :]).to(tl.float32)  # [C, C]
-    for i in range(1, n_valid):
-        l_i = tl.load(akk + (i_n * C + i) * (H * C) + o_c, mask=o_c < i, other=0.0)
-        x_i = (o_c == i).to(tl.float32) - tl.sum(l_i[:, None] * x, 0)
-        x = tl.where(o_c[:, None] == i, x_i[None, :], x)
-    if SAVE_X:
-        tl.store(xinv + t[:, None] * (H * C) + o_c[None, :], x, mask=m_t[:, None])
     m_tk = m_t[:, None] & m_k[None, :]
     p_tk = t[:, None] * (H * K) + o_k[None, :]
     k_t = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
@@ -222,21 +251,34 @@ def _fwd_solve_kernel(
         tl.store(u + p_tv, u_t.to(u.dtype.element_ty), mask=m_tv)
 
 
-# Sequential kernels: one program per (batch·head, V-block), so B·H·V/BV programs walk the chunks in lock-step;
-# smaller BV gives more programs (the walk is latency-bound); 8 warps hold the prefetched tiles without
-# spilling (4 warps spill 1-2 KB per thread with ptxas for sm_90a).
-_FWD_SEQ_CONFIGS = [
-    triton.Config({"BV": 16}, num_warps=8, num_stages=1),
-    triton.Config({"BV": 32}, num_warps=8, num_stages=1),
+# The state walks (_fwd_state_kernel, _bwd_state_kernel): one program per (batch·head, V-block) carries a
+# [K, BV] slice of S (or dS) across the chunks, so only B·H·V/BV programs run and each chunk's step is on the
+# critical path. The walks hold only the recurrence itself, two dependent dots per chunk (plus one independent
+# dot in the backward); everything that does not need the carried state runs in parallel kernels around them.
+# A chunk's loads do not depend on the state, so Triton's software pipeliner (num_stages ≥ 2) fetches the next
+# chunks' tiles into shared memory while the current one is multiplied.
+# Configs kept from a sweep on the H100 (K=V=128, bf16, chunk 64, T=32K; ms per launch): forward BV=32 with 4 warps
+# and 3 stages 0.69, 2 stages 0.91, BV=64 0.94; 8 warps 1.0-1.2; 2 warps 1.7.
+_FWD_STATE_CONFIGS = [
+    triton.Config({"BV": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BV": 64}, num_warps=4, num_stages=3),
+]
+# Backward: BV=32, 4 warps, 3 stages 1.24, 2 stages 1.40; BV=64 1.5; 8 warps 1.5-1.7; 2 warps 38.
+# The backward never uses BV=16: with K=128 and bf16, the ptxas of Triton 3.6 (CUDA 12.8) built the shared-memory
+# descriptors of the last wgmma of ``dS ← … − Wᵀ dΔ`` (its B operand, dΔ) from an unrelated register (a global
+# pointer's high word), so the wgmma read shared memory out of bounds (compute-sanitizer flagged it, and the
+# gradients depended on whatever that memory held). The PTX was correct; BV=32 and 64 compiled correctly (every
+# wgmma descriptor traced in the SASS). The GPU test of every config (zero- vs NaN-filled buffers) guards this.
+_BWD_STATE_CONFIGS = [
+    triton.Config({"BV": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BV": 32}, num_warps=4, num_stages=2),
+]
+# The output kernel is parallel over (chunk, V-block, batch·head), no loop to pipeline: BV=64 0.26 ms (4 or 8
+# warps), BV=128 0.27, BV=32 0.38.
+_FWD_OUTPUT_CONFIGS = [
+    triton.Config({"BV": 64}, num_warps=4, num_stages=1),
     triton.Config({"BV": 64}, num_warps=8, num_stages=1),
 ]
-# No BV=16 for the backward: with K=128 and bf16, the ptxas of Triton 3.6 (CUDA 12.8) builds the shared-memory
-# descriptors of the last wgmma of ``dS ← … − Wᵀ dΔ`` (its B operand, dΔ, k-steps 1-3) from an unrelated
-# register (a global pointer's high word), so the wgmma reads shared memory out of bounds: compute-sanitizer
-# flags it and the gradients depend on whatever that memory held. The PTX is correct; BV=32 and 64 compile
-# correctly (every wgmma descriptor traced in the SASS for K ∈ {32, 64, 128, 256}, H ∈ {1, 2, 3, 16},
-# bf16/fp16/fp32; compute-sanitizer clean on the H100 at K=V=128, bf16).
-_BWD_SEQ_CONFIGS = _FWD_SEQ_CONFIGS[1:]
 
 
 def _prune_small(configs, named_args, **kwargs):
@@ -245,34 +287,8 @@ def _prune_small(configs, named_args, **kwargs):
     return configs[:1] if named_args["T"] * kwargs["H"] < 16384 else configs
 
 
-@triton.jit
-def _seq_tiles(
-    x1, x2, x3, y, aqk, gc, i_n, T, o_v,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """Chunk i_n's inputs of a sequential kernel (pointers already at this (batch, head)): three [C, BK] tiles
-    of x1..x3, a [C, BV] tile of y, A_qk [C, C] and G at the chunk's last row [BK]. Everything is masked to
-    zero for i_n outside [0, ⌈T/C⌉), so the next chunk can be fetched while the current one is multiplied."""
-    o_c, o_k = tl.arange(0, C), tl.arange(0, BK)
-    t = i_n * C + o_c
-    m_t = (t >= 0) & (t < T)
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_tk = t[:, None] * (H * K) + o_k[None, :]
-    t_last = tl.minimum(i_n * C + C, T) - 1
-    m_last = m_k & (i_n >= 0) & (t_last >= i_n * C)
-    return (
-        tl.load(x1 + p_tk, mask=m_tk, other=0.0),
-        tl.load(x2 + p_tk, mask=m_tk, other=0.0),
-        tl.load(x3 + p_tk, mask=m_tk, other=0.0),
-        tl.load(y + t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :], other=0.0),
-        tl.load(aqk + t[:, None] * (H * C) + o_c[None, :], mask=m_t[:, None], other=0.0),
-        tl.load(gc + t_last * (H * K) + o_k, mask=m_last, other=0.0),
-    )
-
-
 @triton.autotune(
-    configs=autotune_configs(_FWD_SEQ_CONFIGS),
+    configs=autotune_configs(_FWD_STATE_CONFIGS),
     key=["H", "K", "V", "C", "BK"],
     prune_configs_by={"early_config_prune": _prune_small},
 )
@@ -280,12 +296,9 @@ def _seq_tiles(
 def _fwd_state_kernel(
     w,
     u,
-    qg,
     kg,
-    aqk,
     gc,
     h0,
-    o,
     hs,
     delta,
     ht,
@@ -299,20 +312,17 @@ def _fwd_state_kernel(
     BV: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
-    SAVE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Walk the chunks with a [BK, BV] slice of S: Δ = U − W S, O = qg S + A_qk Δ, S ← e^{G_C} S + kgᵀ Δ."""
+    """Walk the chunks with a [BK, BV] slice of S: save S (the state at the chunk's start), then
+    Δ = U − W S and S ← e^{G_C} ⊙ S + kgᵀ Δ."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     bh = i_b * T * H + i_h
     w += bh * K
     u += bh * V
-    qg += bh * K
     kg += bh * K
-    aqk += bh * C
     gc += bh * K
-    o += bh * V
     delta += bh * V
     o_c, o_k = tl.arange(0, C), tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -322,30 +332,101 @@ def _fwd_state_kernel(
     s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         s += tl.load(h0 + (i_b * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    w_t, qg_t, kg_t, u_t, a_t, g_last = _seq_tiles(w, qg, kg, u, aqk, gc, 0, T, o_v, H, K, V, C, BK)
     for i_n in range(0, NT):
-        # Fetch chunk i_n + 1 first: it does not depend on S, so its loads fly while chunk i_n is multiplied.
-        w_n, qg_n, kg_n, u_n, a_n, g_last_n = _seq_tiles(w, qg, kg, u, aqk, gc, i_n + 1, T, o_v, H, K, V, C, BK)
-        if SAVE:
-            tl.store(hs + ((i_b * NT + i_n) * H + i_h) * K * V + p_kv, s.to(hs.dtype.element_ty), mask=m_kv)
+        tl.store(hs + ((i_b * NT + i_n) * H + i_h) * K * V + p_kv, s.to(hs.dtype.element_ty), mask=m_kv)
         t = i_n * C + o_c
-        m_tv = (t < T)[:, None] & m_v[None, :]
+        m_t = t < T
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_tk = t[:, None] * (H * K) + o_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
         p_tv = t[:, None] * (H * V) + o_v[None, :]
-        s_in = s.to(w_t.dtype)
-        d_t = u_t.to(tl.float32) - tl.dot(w_t, s_in, input_precision=PREC)  # [C, BV] Δ
+        w_t = tl.load(w + p_tk, mask=m_tk, other=0.0)  # [C, BK]
+        kg_t = tl.load(kg + p_tk, mask=m_tk, other=0.0)
+        u_t = tl.load(u + p_tv, mask=m_tv, other=0.0)  # [C, BV]
+        g_last = tl.load(gc + (tl.minimum(i_n * C + C, T) - 1) * (H * K) + o_k, mask=m_k, other=0.0)  # G_C [BK]
+        d_t = u_t.to(tl.float32) - tl.dot(w_t, s.to(w_t.dtype), input_precision=PREC)  # Δ [C, BV]
         d_in = d_t.to(w_t.dtype)
-        o_t = tl.dot(qg_t, s_in, input_precision=PREC) + tl.dot(a_t, d_in, input_precision=PREC)
-        tl.store(o + p_tv, o_t.to(o.dtype.element_ty), mask=m_tv)
-        if SAVE:
-            tl.store(delta + p_tv, d_in, mask=m_tv)
+        tl.store(delta + p_tv, d_in, mask=m_tv)
         s = s * tl.exp(g_last)[:, None] + tl.dot(tl.trans(kg_t), d_in, input_precision=PREC)
-        w_t, qg_t, kg_t, u_t, a_t, g_last = w_n, qg_n, kg_n, u_n, a_n, g_last_n
     if STORE_HT:
         tl.store(ht + (i_b * H + i_h) * K * V + p_kv, s, mask=m_kv)
 
 
 @triton.autotune(
-    configs=autotune_configs(_BWD_SEQ_CONFIGS),
+    configs=autotune_configs(_FWD_OUTPUT_CONFIGS),
+    key=["H", "K", "V", "C", "BK"],
+    prune_configs_by={"early_config_prune": _prune_small},
+)
+@triton.jit(do_not_specialize=["T", "NT"])
+def _fwd_output_kernel(
+    qg,
+    aqk,
+    hs,
+    delta,
+    o,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One chunk and V-block: O = qg S + A_qk Δ, with S the state at the chunk's start (saved by the walk)."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_nv, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_v = i_nv // NV, i_nv % NV
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    bh = i_b * T * H + i_h
+    o_c, o_k = tl.arange(0, C), tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    t = i_n * C + o_c
+    m_t = t < T
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tv = t[:, None] * (H * V) + o_v[None, :]
+    qg_t = tl.load(qg + bh * K + t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    a_t = tl.load(aqk + bh * C + t[:, None] * (H * C) + o_c[None, :], mask=m_t[:, None], other=0.0)  # [C, C]
+    p_kv = ((i_b * NT + i_n) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+    s_t = tl.load(hs + p_kv, mask=m_k[:, None] & m_v[None, :], other=0.0)  # [BK, BV]
+    d_t = tl.load(delta + bh * V + p_tv, mask=m_tv, other=0.0)  # [C, BV]
+    o_t = tl.dot(qg_t, s_t, input_precision=PREC) + tl.dot(a_t, d_t, input_precision=PREC)
+    tl.store(o + bh * V + p_tv, o_t.to(o.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _bwd_ddelta_intra_kernel(
+    aqk,
+    do,
+    ddelta,
+    T,
+    H: tl.constexpr,
+    V: tl.constexpr,
+    C: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One chunk: the in-chunk part of dΔ, A_qkᵀ dO (it does not depend on the state gradient, so it stays out of
+    the reverse walk, which adds kg dS to it), one V-block at a time."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    bh = (i_bh // H).to(tl.int64) * T * H + i_bh % H
+    o_c = tl.arange(0, C)
+    t = i_n * C + o_c
+    m_t = t < T
+    a_t = tl.load(aqk + bh * C + t[:, None] * (H * C) + o_c[None, :], mask=m_t[:, None], other=0.0)  # [C, C]
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_tv = bh * V + t[:, None] * (H * V) + o_v[None, :]
+        do_t = tl.load(do + p_tv, mask=m_tv, other=0.0).to(a_t.dtype)
+        dd = tl.dot(tl.trans(a_t), do_t, input_precision=PREC)
+        tl.store(ddelta + p_tv, dd.to(ddelta.dtype.element_ty), mask=m_tv)
+
+
+@triton.autotune(
+    configs=autotune_configs(_BWD_STATE_CONFIGS),
     key=["H", "K", "V", "C", "BK"],
     prune_configs_by={"early_config_prune": _prune_small},
 )
@@ -354,9 +435,9 @@ def _bwd_state_kernel(
     qg,
     kg,
     w,
-    aqk,
     gc,
     do,
+    dd_intra,
     dht,
     dhs,
     ddelta,
@@ -373,17 +454,17 @@ def _bwd_state_kernel(
     HAS_DH0: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Chunks in reverse with a [BK, BV] slice of dS (gradient of the state after the chunk):
-    dΔ = A_qkᵀ dO + kg dS,  dS ← e^{G_C} dS + qgᵀ dO − Wᵀ dΔ."""
+    """Chunks in reverse with a [BK, BV] slice of dS (the gradient of the state after the chunk), saved per chunk:
+    dΔ = A_qkᵀ dO + kg dS (A_qkᵀ dO precomputed in ``dd_intra``),  dS ← e^{G_C} ⊙ dS + qgᵀ dO − Wᵀ dΔ."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     bh = i_b * T * H + i_h
     qg += bh * K
     kg += bh * K
     w += bh * K
-    aqk += bh * C
     gc += bh * K
     do += bh * V
+    dd_intra += bh * V
     ddelta += bh * V
     o_c, o_k = tl.arange(0, C), tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -393,24 +474,29 @@ def _bwd_state_kernel(
     ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         ds += tl.load(dht + (i_b * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    qg_t, kg_t, w_t, do_t, a_t, g_last = _seq_tiles(qg, kg, w, do, aqk, gc, NT - 1, T, o_v, H, K, V, C, BK)
     for i_r in range(0, NT):
         i_n = NT - 1 - i_r
-        qg_n, kg_n, w_n, do_n, a_n, g_last_n = _seq_tiles(qg, kg, w, do, aqk, gc, i_n - 1, T, o_v, H, K, V, C, BK)
         tl.store(dhs + ((i_b * NT + i_n) * H + i_h) * K * V + p_kv, ds.to(dhs.dtype.element_ty), mask=m_kv)
         t = i_n * C + o_c
-        m_tv = (t < T)[:, None] & m_v[None, :]
+        m_t = t < T
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_tk = t[:, None] * (H * K) + o_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
         p_tv = t[:, None] * (H * V) + o_v[None, :]
-        do_in = do_t.to(w_t.dtype)
-        dd = tl.dot(tl.trans(a_t), do_in, input_precision=PREC) + tl.dot(kg_t, ds.to(w_t.dtype), input_precision=PREC)
+        qg_t = tl.load(qg + p_tk, mask=m_tk, other=0.0)  # [C, BK]
+        kg_t = tl.load(kg + p_tk, mask=m_tk, other=0.0)
+        w_t = tl.load(w + p_tk, mask=m_tk, other=0.0)
+        do_t = tl.load(do + p_tv, mask=m_tv, other=0.0).to(w_t.dtype)  # [C, BV]
+        dd_t = tl.load(dd_intra + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # A_qkᵀ dO
+        g_last = tl.load(gc + (tl.minimum(i_n * C + C, T) - 1) * (H * K) + o_k, mask=m_k, other=0.0)
+        dd = dd_t + tl.dot(kg_t, ds.to(w_t.dtype), input_precision=PREC)  # dΔ [C, BV]
         dd_in = dd.to(w_t.dtype)
         tl.store(ddelta + p_tv, dd_in, mask=m_tv)
         ds = (
             ds * tl.exp(g_last)[:, None]
-            + tl.dot(tl.trans(qg_t), do_in, input_precision=PREC)
+            + tl.dot(tl.trans(qg_t), do_t, input_precision=PREC)
             - tl.dot(tl.trans(w_t), dd_in, input_precision=PREC)
         )
-        qg_t, kg_t, w_t, do_t, a_t, g_last = qg_n, kg_n, w_n, do_n, a_n, g_last_n
     if HAS_DH0:
         tl.store(dh0 + (i_b * H + i_h) * K * V + p_kv, ds, mask=m_kv)
 
@@ -750,27 +836,29 @@ def _forward(q, k, v, g, beta, h0, scale, output_final_state, C, save):
     dev, dt = q.device, q.dtype
     gc = _chunk_cumsum(g, C, reverse=False, out_dtype=torch.float32)
     aqk = _alloc(B, T, H, C, dtype=dt, device=dev)
-    akk = _alloc(B, T, H, C, dtype=torch.float32, device=dev)
+    akk = _alloc(B, T, H, C, dtype=torch.float32, device=dev)  # A_kk, then (after the solve) X = (I + A_kk)⁻¹
     _fwd_intra_kernel[(NT * (C // _BC), B * H)](
         q, k, gc, beta, aqk, akk, scale, T, H=H, K=K, C=C, BC=_BC, BK=BK, PREC=prec, num_stages=1
     )
-    xinv = _alloc(B, T, H, C, dtype=torch.float32, device=dev) if save else akk
     w, qg, kg = (_alloc(B, T, H, K, dtype=dt, device=dev) for _ in range(3))
     u = _alloc(B, T, H, V, dtype=dt, device=dev)
     _fwd_solve_kernel[(NT, B * H)](
-        q, k, v, gc, beta, akk, xinv, w, u, qg, kg, scale, T,
-        H=H, K=K, V=V, C=C, BK=BK, BV=_block(V, 64), SAVE_X=save, PREC=prec, num_warps=8, num_stages=1,
+        q, k, v, gc, beta, akk, w, u, qg, kg, scale, T, H=H, K=K, V=V, C=C, BC=_BC, BK=BK, BV=_block(V, 64),
+        PREC=prec, SOLVE_PREC="ieee" if q.dtype == torch.float32 else "tf32x3", num_warps=4, num_stages=1,
+    )  # fmt: skip
+    # The walk saves S at every chunk's start (hs) and Δ; the output kernel then reads both, in parallel.
+    hs = _alloc(B, NT, H, K, V, dtype=dt, device=dev)
+    delta = _alloc(B, T, H, V, dtype=dt, device=dev)
+    ht = _alloc(B, H, K, V, dtype=torch.float32, device=dev) if output_final_state else hs
+    _fwd_state_kernel[lambda meta: (triton.cdiv(V, meta["BV"]), B * H)](
+        w, u, kg, gc, h0 if h0 is not None else hs, hs, delta, ht, T, NT,
+        H=H, K=K, V=V, C=C, BK=BK, HAS_H0=h0 is not None, STORE_HT=output_final_state, PREC=prec,
     )  # fmt: skip
     o = _alloc(B, T, H, V, dtype=dt, device=dev)
-    ht = _alloc(B, H, K, V, dtype=torch.float32, device=dev) if output_final_state else o
-    hs = _alloc(B, NT, H, K, V, dtype=dt, device=dev) if save else o
-    delta = _alloc(B, T, H, V, dtype=dt, device=dev) if save else o
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)
-    _fwd_state_kernel[grid](
-        w, u, qg, kg, aqk, gc, h0 if h0 is not None else o, o, hs, delta, ht, T, NT,
-        H=H, K=K, V=V, C=C, BK=BK, HAS_H0=h0 is not None, STORE_HT=output_final_state, SAVE=save, PREC=prec,
-    )  # fmt: skip
-    saved = (gc, aqk, xinv, w, u, qg, kg, hs, delta) if save else None
+    _fwd_output_kernel[lambda meta: (NT * triton.cdiv(V, meta["BV"]), B * H)](
+        qg, aqk, hs, delta, o, T, NT, H=H, K=K, V=V, C=C, BK=BK, PREC=prec
+    )
+    saved = (gc, aqk, akk, w, u, qg, kg, hs, delta) if save else None  # akk holds X = (I + A_kk)⁻¹ now
     return o, (ht if output_final_state else None), saved
 
 
@@ -784,11 +872,11 @@ def _backward(q, k, v, g, beta, h0, saved, do, dht, scale, C):
     dev, dt = q.device, q.dtype
     do = do.contiguous()
     dhs = _alloc(B, NT, H, K, V, dtype=dt, device=dev)
-    ddelta = _alloc(B, T, H, V, dtype=dt, device=dev)
+    dd_intra, ddelta = (_alloc(B, T, H, V, dtype=dt, device=dev) for _ in range(2))
+    _bwd_ddelta_intra_kernel[(NT, B * H)](aqk, do, dd_intra, T, H=H, V=V, C=C, BV=_block(V, 64), PREC=prec)
     dh0 = _alloc(B, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)
-    _bwd_state_kernel[grid](
-        qg, kg, w, aqk, gc, do, dht.contiguous() if dht is not None else do, dhs, ddelta,
+    _bwd_state_kernel[lambda meta: (triton.cdiv(V, meta["BV"]), B * H)](
+        qg, kg, w, gc, do, dd_intra, dht.contiguous() if dht is not None else do, dhs, ddelta,
         dh0 if dh0 is not None else do, T, NT, H=H, K=K, V=V, C=C, BK=BK,
         HAS_DHT=dht is not None, HAS_DH0=dh0 is not None, PREC=prec,
     )  # fmt: skip

@@ -272,6 +272,19 @@ def test_triton_chunk_fwd_bwd_matches_reference(B, T, H, chunk_size, use_h0, dev
         assert_close(f"d{name}", got[name], ref[name], 3e-5 if name in ("g", "beta") else 1e-5)
 
 
+def test_triton_head_dim_not_a_power_of_two(device, poisoned_buffers):
+    """K = 40 (every K tile partly masked) and V = 24 ≠ K, two heads, chunk 32 with a partial last chunk."""
+    inputs = make_inputs(1, 50, 2, 40, 24)
+    o_ref, s_ref, ref = run_with_grads(kda_recurrent, inputs, use_h0=True)
+    dev_inputs = [t.to(device=device, dtype=torch.float32) for t in inputs]
+    kernel = lambda *a, **kw: kda_chunk_triton(*a, **kw, chunk_size=32)
+    o, s, got = run_with_grads(kernel, dev_inputs, use_h0=True)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("S_T", s, s_ref, 1e-5)
+    for name in got:
+        assert_close(f"d{name}", got[name], ref[name], 3e-5 if name in ("g", "beta") else 1e-5)
+
+
 def test_triton_strong_decay_is_finite(device, poisoned_buffers):
     """g ≈ −5 per step (and −60 on two channels) over 64-token chunks: no exponent overflows."""
     inputs = make_inputs(1, 80, 1, 16, 16, gate="strong")
@@ -396,9 +409,9 @@ class _GuardedAlloc:
 
 
 def _sequential_reference(w, u, qg, kg, aqk, gc, h0, do, dht, C):
-    """The chunk walks of ``_fwd_state_kernel`` and ``_bwd_state_kernel`` in torch, every tensor [B, T, H, ·]:
-    Δ = U − W S, O = qg S + A_qk Δ, S ← e^{G_C} S + kgᵀ Δ; then in reverse dΔ = A_qkᵀ dO + kg dS,
-    dS ← e^{G_C} dS + qgᵀ dO − Wᵀ dΔ. Returns o, S_T, hs, Δ, dhs, dΔ, dS_0."""
+    """What ``_fwd_state_kernel`` + ``_fwd_output_kernel`` and ``_bwd_ddelta_intra_kernel`` + ``_bwd_state_kernel``
+    compute, as torch chunk walks, every tensor [B, T, H, ·]: Δ = U − W S, O = qg S + A_qk Δ, S ← e^{G_C} S + kgᵀ Δ;
+    then in reverse dΔ = A_qkᵀ dO + kg dS, dS ← e^{G_C} dS + qgᵀ dO − Wᵀ dΔ. Returns o, S_T, hs, Δ, dhs, dΔ, dS_0."""
     w, u, qg, kg, aqk, gc, do = (t.transpose(1, 2) for t in (w, u, qg, kg, aqk, gc, do))  # [B, H, T, ·]
     T = w.shape[2]
     chunks = [slice(s, min(s + C, T)) for s in range(0, T, C)]
@@ -424,8 +437,10 @@ def _sequential_reference(w, u, qg, kg, aqk, gc, h0, do, dht, C):
 
 
 def _launch_sequential(kernel, config, B, T, H, K, V, C, BK, dtype, device, alloc, prec):
-    """Launch one sequential kernel directly with one autotune config on random inputs (made by ``alloc`` too, so
-    guards or fills surround them) and return (outputs, the fp64 torch reference of the same outputs)."""
+    """Launch one kernel of the state walks directly with one autotune config on random inputs (made by ``alloc``
+    too, so guards or fills surround them) and return (outputs, the fp64 torch reference of the same outputs).
+    ``fwd``: the forward walk (hs, Δ, S_T); ``out``: the output kernel, fed the reference hs and Δ; ``bwd``: the
+    in-chunk dΔ kernel, then the reverse walk with the config (dhs, dΔ, dS_0)."""
     NT = -(-T // C)
     rnd = lambda *shape, seed, std=0.5: alloc.holding((std * randn(*shape, seed=seed, device=device)).to(dtype))
     # W, qg, kg at the scale of L2-normalised keys, so the state walk stays bounded over many chunks (random
@@ -437,34 +452,45 @@ def _launch_sequential(kernel, config, B, T, H, K, V, C, BK, dtype, device, allo
     h0, dht = (alloc.holding(0.5 * randn(B, H, K, V, seed=s, device=device)) for s in (7, 8))
     expected = _sequential_reference(*(t.double() for t in (w, u, qg, kg, aqk, gc, h0, do, dht)), C)
     meta = dict(BV=config.kwargs["BV"], num_warps=config.num_warps, num_stages=config.num_stages)
-    grid = (triton.cdiv(V, meta["BV"]), B * H)
     shapes = dict(H=H, K=K, V=V, C=C, BK=BK, PREC=prec)
     if kernel == "fwd":
-        o, delta = (alloc(B, T, H, V, dtype=dtype, device=device) for _ in range(2))
+        delta = alloc(B, T, H, V, dtype=dtype, device=device)
         hs = alloc(B, NT, H, K, V, dtype=dtype, device=device)
         ht = alloc(B, H, K, V, dtype=torch.float32, device=device)
-        kda_kernels._fwd_state_kernel.fn[grid](
-            w, u, qg, kg, aqk, gc, h0, o, hs, delta, ht, T, NT, HAS_H0=True, STORE_HT=True, SAVE=True, **shapes, **meta
+        kda_kernels._fwd_state_kernel.fn[(triton.cdiv(V, meta["BV"]), B * H)](
+            w, u, kg, gc, h0, hs, delta, ht, T, NT, HAS_H0=True, STORE_HT=True, **shapes, **meta
         )
-        return {"o": o, "S_T": ht, "hs": hs, "delta": delta}, dict(
-            zip(("o", "S_T", "hs", "delta"), expected[:4], strict=True)
+        return {"S_T": ht, "hs": hs, "delta": delta}, dict(zip(("S_T", "hs", "delta"), expected[1:4], strict=True))
+    if kernel == "out":
+        hs, delta = (alloc.holding(t.to(dtype)) for t in expected[2:4])
+        o = alloc(B, T, H, V, dtype=dtype, device=device)
+        kda_kernels._fwd_output_kernel.fn[(NT * triton.cdiv(V, meta["BV"]), B * H)](
+            qg, aqk, hs, delta, o, T, NT, **shapes, **meta
         )
-    ddelta = alloc(B, T, H, V, dtype=dtype, device=device)
+        return {"o": o}, {"o": expected[0]}
+    dd_intra, ddelta = (alloc(B, T, H, V, dtype=dtype, device=device) for _ in range(2))
     dhs = alloc(B, NT, H, K, V, dtype=dtype, device=device)
     dh0 = alloc(B, H, K, V, dtype=torch.float32, device=device)
-    kda_kernels._bwd_state_kernel.fn[grid](
-        qg, kg, w, aqk, gc, do, dht, dhs, ddelta, dh0, T, NT, HAS_DHT=True, HAS_DH0=True, **shapes, **meta
+    kda_kernels._bwd_ddelta_intra_kernel[(NT, B * H)](
+        aqk, do, dd_intra, T, H=H, V=V, C=C, BV=kda_kernels._block(V, 64), PREC=prec
+    )
+    kda_kernels._bwd_state_kernel.fn[(triton.cdiv(V, meta["BV"]), B * H)](
+        qg, kg, w, gc, do, dd_intra, dht, dhs, ddelta, dh0, T, NT, HAS_DHT=True, HAS_DH0=True, **shapes, **meta
     )
     return {"dhs": dhs, "ddelta": ddelta, "dh0": dh0}, dict(zip(("dhs", "ddelta", "dh0"), expected[4:], strict=True))
 
 
-SEQ_CASES = [("fwd", c) for c in kda_kernels._FWD_SEQ_CONFIGS] + [("bwd", c) for c in kda_kernels._BWD_SEQ_CONFIGS]
-SEQ_IDS = [f"{kernel}-BV{c.kwargs['BV']}" for kernel, c in SEQ_CASES]
+SEQ_CASES = (
+    [("fwd", c) for c in kda_kernels._FWD_STATE_CONFIGS]
+    + [("out", c) for c in kda_kernels._FWD_OUTPUT_CONFIGS]
+    + [("bwd", c) for c in kda_kernels._BWD_STATE_CONFIGS]
+)
+SEQ_IDS = [f"{kernel}-BV{c.kwargs['BV']}-w{c.num_warps}-s{c.num_stages}" for kernel, c in SEQ_CASES]
 
 
 @pytest.mark.parametrize(("kernel", "config"), SEQ_CASES, ids=SEQ_IDS)
 def test_sequential_kernel_configs_stay_in_bounds(kernel, config, device, monkeypatch):
-    """Each autotune config of the two sequential kernels (the interpreter's autotuner runs only the first),
+    """Each autotune config of the state walks and the output kernel (the interpreter's autotuner runs only the first),
     launched directly with every buffer inside NaN guards: B·H > 1, three chunks with a partial last one,
     K < BK, V not a multiple of BV; under the interpreter every load and store address is checked as well."""
     B, T, H, K, V, C = 2, 40, 2, 24, 40, 16
