@@ -2,7 +2,9 @@
 
 Shapes (issue 6): L = 32 sublayers, block 8, B·T = 16384 tokens, D = 2048, bf16, forward and forward+backward.
 
-* phase 1 — N = 5 sources (embedding + 4 blocks: the last block's phase 1), S = 8 queries;
+* phase 1 — N = 5 sources (the embedding and 4 completed blocks), S = 8 queries: a fifth block's phase 1, one
+  block deeper than the largest phase-1 call of L = 32 (its last block sees N = 4; N = 5 is its final
+  aggregation, which has one query);
 * phase 2 — one online merge;
 * training-step overhead — fwd+bwd of L = 32 pre-norm SwiGLU sublayers (D = 2048, d_ff = 5632, 16384 tokens,
   bf16) with each residual mode. This stack stands in for a GPU-size TinyKimi: a TinyKimi step would compile every
