@@ -68,7 +68,7 @@ import triton.language as tl
 
 from nanokimi.checks import check_positive_int, check_tensor
 from nanokimi.moba.reference import check_causal, check_qkv, check_scale
-from nanokimi.triton_utils import ensure_cuda_or_interpreter, interpreting
+from nanokimi.triton_utils import dot_precision, ensure_cuda_or_interpreter, interpreting
 
 __all__ = ["moba_gate_triton", "moba_attention_triton"]
 
@@ -750,16 +750,6 @@ def _pad_head_dim(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [(F.pad(t, (0, pad)) if pad else t).contiguous() for t in tensors]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: on the GPU each dot is three TF32 tensor-core products ("tf32x3": big·big + big·small +
-    small·big, ≈ 1e-6 relative error), under the interpreter exact NumPy fp32. Exact fp32 (``"ieee"``) dots
-    would run on the CUDA cores instead of the tensor cores. 16-bit inputs run on the tensor cores natively (the
-    setting is then unused)."""
-    if dtype == torch.float32:
-        return "ieee" if interpreting() else "tf32x3"
-    return "tf32"
-
-
 def _check_inputs(q, k, v, block_size, topk) -> tuple[int, int, int, int, int]:
     B, Tq, T, H, D = check_qkv(q, k, v)
     check_tensor("q", q, dtypes=KERNEL_DTYPES)
@@ -824,7 +814,7 @@ def _gate(q: torch.Tensor, k: torch.Tensor, block_size: int, ksel: int):
         KSEL=ksel,
         KP=max(2, triton.next_power_of_2(ksel)),
         HEAD_DIM=D,
-        PRECISION="ieee" if interpreting() else "tf32x3",
+        PRECISION=dot_precision(torch.float32),  # the scores are fp32 whatever q is
         **cfg,
     )
     return sel
@@ -914,7 +904,7 @@ def _forward(q, k, v, block_size: int, topk: int, scale: float, track_max: bool,
     ksel = min(topk - 1, n_blocks - 1)
     dev = q.device
     qk_scale = scale * LOG2E
-    precision = _precision(q.dtype)
+    precision = dot_precision(q.dtype)
     o = torch.empty_like(q) if out is None else out
     lse = torch.empty(BH, Tq, device=dev, dtype=torch.float32)
     rowmax = torch.empty(BH, Tq if track_max else 0, device=dev, dtype=torch.float32)
@@ -986,7 +976,7 @@ def _backward(q, k, v, o, lse, do, plan: GatherPlan | None, block_size: int, sca
     BH, n_blocks = B * H, -(-T // block_size)
     dev = q.device
     qk_scale = scale * LOG2E
-    precision = _precision(q.dtype)
+    precision = dot_precision(q.dtype)
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv

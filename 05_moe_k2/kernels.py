@@ -45,7 +45,7 @@ import triton.language as tl
 
 from nanokimi.checks import check_tensor
 from nanokimi.moe.reference import check_expert_weights, check_moe_args, route, swiglu_ffn
-from nanokimi.triton_utils import autotune_configs, ensure_cuda_or_interpreter, interpreting
+from nanokimi.triton_utils import autotune_configs, dot_precision, ensure_cuda_or_interpreter, interpreting
 
 __all__ = [
     "Permutation",
@@ -64,15 +64,6 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def default_block_m() -> int:
     """Row tile of the grouped GEMMs: 128 compiled (H100 tensor-core tiles), 16 under the interpreter."""
     return 16 if interpreting() else 128
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32-level accuracy: on the GPU three TF32 tensor-core products per dot ("tf32x3":
-    # big·big + big·small + small·big, ≈ 1e-6 relative), exact NumPy fp32 under the interpreter. Exact "ieee"
-    # dots would run on the CUDA cores, several times slower. 16-bit inputs use the tensor cores natively.
-    if dtype == torch.float32:
-        return "ieee" if interpreting() else "tf32x3"
-    return "tf32"
 
 
 # --- permutation ---------------------------------------------------------------------------------------
@@ -564,7 +555,7 @@ def _swiglu_forward(
     if perm.n_tiles:
         _grouped_swiglu_kernel[grid](
             x, w_gate, w_up, act, gate, up, perm.row_token, perm.tile_expert, perm.n_tiles, perm.n_experts,
-            d_model, d_ff, STORE_PRE=store_pre, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=perm.block_m,
+            d_model, d_ff, STORE_PRE=store_pre, DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=perm.block_m,
         )  # fmt: skip
     return act, (gate if store_pre else None), (up if store_pre else None)
 
@@ -586,7 +577,7 @@ def _grouped_gemm(
         _grouped_gemm_kernel[grid](
             a, b, a if a2 is None else a2, b if b2 is None else b2, c, perm.row_token, perm.tile_expert,
             perm.n_tiles, perm.n_experts, n_out, a.shape[1], *b_strides, TWO_TERMS=a2 is not None,
-            DOT_PRECISION=_dot_precision(a.dtype), BLOCK_M=perm.block_m,
+            DOT_PRECISION=dot_precision(a.dtype), BLOCK_M=perm.block_m,
         )  # fmt: skip
     return c
 
@@ -607,7 +598,7 @@ def _weight_grad(
     _grouped_weight_grad_kernel[grid](
         left, left if left2 is None else left2, right, out, out2, perm.row_token, perm.expert_tile_start,
         perm.expert_order, wm, wn, ROW_TILE=perm.block_m, GATHER_LEFT=gather_left, GATHER_RIGHT=gather_right,
-        TWO_OUTPUTS=left2 is not None, DOT_PRECISION=_dot_precision(left.dtype),
+        TWO_OUTPUTS=left2 is not None, DOT_PRECISION=dot_precision(left.dtype),
     )  # fmt: skip
     return out, (out2 if left2 is not None else None)
 
@@ -735,7 +726,7 @@ class _RoutedExperts(torch.autograd.Function):
             _swiglu_backward_kernel[grid](
                 dy, w_down, gate, up, weight, d_gate, d_up, act_w, dw_partial, perm.row_token, perm.row_slot,
                 perm.tile_expert, perm.n_tiles, perm.n_experts, d_model, d_ff,
-                DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=perm.block_m,
+                DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=perm.block_m,
             )  # fmt: skip
         dx = d_topk_weight = d_w_gate = d_w_up = d_w_down = None
         if need_w and not perm.n_tiles:  # no token reached an expert: the kernel did not run

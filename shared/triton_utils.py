@@ -8,12 +8,25 @@ from collections.abc import Sequence
 import torch
 import triton
 
-__all__ = ["interpreting", "autotune_configs", "ensure_cuda_or_interpreter"]
+__all__ = ["interpreting", "autotune_configs", "ensure_cuda_or_interpreter", "dot_precision"]
 
 
 def interpreting() -> bool:
     """True when Triton kernels run under the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype`` that keeps fp32 inputs at fp32-level accuracy.
+
+    fp32, compiled: ``"tf32x3"``, three TF32 tensor-core products of a big/small split (big·big + big·small +
+    small·big, ≈ 2⁻²¹ relative per product); exact ``"ieee"`` dots would run on the CUDA cores instead.
+    fp32, interpreted: ``"ieee"`` (NumPy fp32). 16-bit operands run on the tensor cores natively, so the setting is
+    unused for them (``"tf32"``).
+    """
+    if dtype == torch.float32:
+        return "ieee" if interpreting() else "tf32x3"
+    return "tf32"
 
 
 def autotune_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
