@@ -41,10 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nanokimi.data import TOKENIZER, prompt_ids, task_from_spec
+from nanokimi.data import prompt_ids, task_from_spec
 from nanokimi.rl.rollout import load_policy, response_seed
 from nanokimi.rl.rollout_sim import ClusterConfig, LengthModel, compare_policies, plot_gantt
-from nanokimi.rl.train import RLConfig, train_rl
+from nanokimi.rl.train import RLConfig, evaluate_policy, response_correct, train_rl
 from nanokimi.train import load_checkpoint
 
 __all__ = [
@@ -191,12 +191,8 @@ def harder_levels(digits: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
 def _by_verbosity(ckpt: str, task, examples, max_len: int) -> dict:
     """Greedy test responses per scratchpad verbosity: share of the answers and accuracy within it (addition)."""
     model, _, _ = load_policy(ckpt, max(len(p) for p in prompt_ids(examples)) + max_len)
-    outs = model.generate(prompt_ids(examples), max_len, temperature=0.0)
-    rows = []
-    for ex, out in zip(examples, outs, strict=True):
-        text = TOKENIZER.decode(out)
-        ok = bool(out and out[-1] == TOKENIZER.eos_id and task.check(ex.prompt, text))
-        rows.append((scratchpad_level(text), ok))
+    samples = evaluate_policy(model, task, examples, max_len, n_samples=len(examples))["samples"]
+    rows = [(scratchpad_level(sample["response"]), sample["correct"]) for sample in samples]
     table = {}
     for level in (0, 1, 2):
         hits = [ok for v, ok in rows if v == level]
@@ -212,7 +208,7 @@ def _sampled_groups(ckpt: str, task, examples, k: int, max_len: int, seed: int) 
     seeds = [response_seed(seed, i, j) for i in range(len(examples)) for j in range(k)]
     outs = model.generate(prompts, max_len, temperature=1.0, seed=seeds)
     ok = [
-        bool(out and out[-1] == TOKENIZER.eos_id and task.check(ex.prompt, TOKENIZER.decode(out)))
+        response_correct(task, ex.prompt, out)
         for ex, out in zip([ex for ex in examples for _ in range(k)], outs, strict=True)
     ]
     passes = [sum(ok[i * k : (i + 1) * k]) for i in range(len(examples))]
@@ -315,12 +311,16 @@ def harder(init: str, runs: Path, results: Path, smoke: bool = False) -> dict:
     return result
 
 
-def _level_mix(ckpt: str, examples, max_len: int) -> dict:
+def _level_mix(ckpt: str, task, examples, max_len: int) -> dict:
     """Fraction of greedy test responses written at each scratchpad verbosity (addition only)."""
-    model, _, _ = load_policy(ckpt, max(len(p) for p in prompt_ids(examples)) + max_len)
-    outs = model.generate(prompt_ids(examples), max_len, temperature=0.0)
-    levels = [scratchpad_level(TOKENIZER.decode(o)) for o in outs]
-    return {str(v): levels.count(v) / len(levels) for v in (0, 1, 2)}
+    return {level: cell["share"] for level, cell in _by_verbosity(ckpt, task, examples, max_len).items()}
+
+
+def _vs_long(final: dict, long_model: dict) -> dict:
+    """Length cut of a run's final test vs the long model, and the target: a cut of ≥ 30% at equal or better
+    accuracy."""
+    cut = 1 - final["mean_length"] / long_model["mean_length"]
+    return {"length_cut_vs_long": cut, "target_met": bool(cut >= 0.3 and final["accuracy"] >= long_model["accuracy"])}
 
 
 def _numbers(test: dict) -> dict:
@@ -346,7 +346,8 @@ def long2short(init: str, runs: Path, results: Path, smoke: bool = False) -> dic
     max_len = on["max_response_len"]
     pretrained, long_model = warm["start_test"][0], on["start_test"][0]
     short, control = on["final_test"][0], off["final_test"][0]
-    cut_vs_long = 1 - short["mean_length"] / long_model["mean_length"]
+    vs_long = _vs_long(short, long_model)
+    cut_vs_long = vs_long["length_cut_vs_long"]
     cut_vs_control = 1 - short["mean_length"] / control["mean_length"]
     result = {
         "experiment": "long2short",
@@ -364,26 +365,22 @@ def long2short(init: str, runs: Path, results: Path, smoke: bool = False) -> dic
         "length_cut_vs_long": cut_vs_long,
         "length_cut_vs_control": cut_vs_control,
         "scratchpad_mix": {
-            "pretrained": _level_mix(init, examples, max_len),
-            "long": _level_mix(long_ckpt, examples, max_len),
-            "long2short": _level_mix(str(Path(on_cfg.out) / "ckpt.pt"), examples, max_len),
-            "control": _level_mix(str(Path(off_cfg.out) / "ckpt.pt"), examples, max_len),
+            "pretrained": _level_mix(init, task, examples, max_len),
+            "long": _level_mix(long_ckpt, task, examples, max_len),
+            "long2short": _level_mix(str(Path(on_cfg.out) / "ckpt.pt"), task, examples, max_len),
+            "control": _level_mix(str(Path(off_cfg.out) / "ckpt.pt"), task, examples, max_len),
         },
         "target": "mean length -30% or more vs the long model at equal or better accuracy",
-        "target_met": bool(cut_vs_long >= 0.3 and short["accuracy"] >= long_model["accuracy"]),
+        "target_met": vs_long["target_met"],
         "variants": {
             name: {
                 "knobs": LONG2SHORT_VARIANTS[name],
                 "final": _numbers(v["final_test"][0]),
-                "length_cut_vs_long": 1 - v["final_test"][0]["mean_length"] / long_model["mean_length"],
-                "target_met": bool(
-                    1 - v["final_test"][0]["mean_length"] / long_model["mean_length"] >= 0.3
-                    and v["final_test"][0]["accuracy"] >= long_model["accuracy"]
-                ),
+                **_vs_long(v["final_test"][0], long_model),
                 # evaluated at the run's own maximum length (a longer answer is cut off and counts as wrong)
                 "max_response_len": v["max_response_len"],
                 "scratchpad_mix": _level_mix(
-                    str(Path(variant_cfgs[name].out) / "ckpt.pt"), examples, v["max_response_len"]
+                    str(Path(variant_cfgs[name].out) / "ckpt.pt"), task, examples, v["max_response_len"]
                 ),
                 "wall_s": v["wall_s"],
                 "load_avg": v["load_avg_start"],

@@ -230,6 +230,13 @@ def group_rewards(group: Group, length_weight: float = 0.0) -> tuple[torch.Tenso
     return rewards, correct, lengths
 
 
+def response_correct(task: Task, prompt: str, response_ids: Sequence[int]) -> bool:
+    """A finished response (it ends with <eos>) whose text the task's verifier accepts."""
+    return bool(
+        response_ids and response_ids[-1] == TOKENIZER.eos_id and task.check(prompt, TOKENIZER.decode(response_ids))
+    )
+
+
 @torch.no_grad()
 def evaluate_policy(model: TinyKimi, task: Task, examples: Sequence[Example], max_len: int, n_samples: int = 8) -> dict:
     """Greedy decoding of ``examples`` (at most ``max_len`` tokens): verifier accuracy, mean length in tokens
@@ -237,10 +244,7 @@ def evaluate_policy(model: TinyKimi, task: Task, examples: Sequence[Example], ma
     if len(examples) == 0:
         raise ValueError("examples: expected at least one example, got 0")
     outputs = model.generate(prompt_ids(examples), max_len, temperature=0.0)
-    correct = [
-        bool(out and out[-1] == TOKENIZER.eos_id and task.check(ex.prompt, TOKENIZER.decode(out)))
-        for ex, out in zip(examples, outputs, strict=True)
-    ]
+    correct = [response_correct(task, ex.prompt, out) for ex, out in zip(examples, outputs, strict=True)]
     return {
         "accuracy": sum(correct) / len(examples),
         "mean_length": sum(len(o) for o in outputs) / len(examples),

@@ -243,9 +243,7 @@ class Task:
 
 
 def _digit_counts(digits: int | Sequence[int]) -> tuple[int, ...]:
-    counts = (digits,) if isinstance(digits, int) else tuple(digits) if isinstance(digits, Sequence) else None
-    if counts is None:
-        raise TypeError(f"digits: expected a positive int or a non-empty tuple of them, got {digits!r}")
+    counts = tuple(digits) if isinstance(digits, Sequence) else (digits,)
     if not counts:
         raise ValueError(f"digits: expected a positive int or a non-empty tuple of them, got {digits!r}")
     for value in counts:
