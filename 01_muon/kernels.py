@@ -645,6 +645,9 @@ def newton_schulz_iterate_triton(
     gram = torch.empty((X.shape[0], r, r), device=X.device, dtype=X.dtype)  # A = X Xᵀ
     poly = torch.empty_like(gram)  # B = b·A + c·A·A
     current, spare = X, torch.empty_like(X)
+    if tma is None:  # settle the path once, over every operand of the three kernels, so that a step runs on one path
+        work, out = (current.mT, spare.mT) if tall else (current, spare)
+        tma = _pick_tma(None, block, r, work, gram, poly, out)
     for _ in range(steps):
         work = current.mT if tall else current  # [batch, r, max(m, n)]
         gram_triton(work, out=gram, block=block, tma=tma)  # (1)
