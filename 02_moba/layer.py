@@ -151,10 +151,7 @@ class MoBAAttention(nn.Module):
             return self._forward_paged(x, cache)
         past = 0 if cache is None else self._check_cache(cache, x)
         H, D = self.n_heads, self.head_dim
-        positions = torch.arange(past, past + T, device=x.device)
-        q = apply_rope(self.q_proj(x).view(B, T, H, D), positions, self.inv_freq)
-        k = apply_rope(self.k_proj(x).view(B, T, H, D), positions, self.inv_freq)
-        v = self.v_proj(x).view(B, T, H, D)
+        q, k, v = self._qkv(x, torch.arange(past, past + T, device=x.device))
         if cache is not None:
             if past:
                 k = torch.cat((cache["k"], k), dim=1)
@@ -174,6 +171,14 @@ class MoBAAttention(nn.Module):
             out = result
         return self.o_proj(out.reshape(B, T, H * D))
 
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections of x [B, T, d_model] to q, k, v [B, T, H, D], RoPE on q and k at ``positions`` ([T] or [B, T])."""
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        q = apply_rope(self.q_proj(x).view(B, T, H, D), positions, self.inv_freq)
+        k = apply_rope(self.k_proj(x).view(B, T, H, D), positions, self.inv_freq)
+        return q, k, self.v_proj(x).view(B, T, H, D)
+
     def _forward_paged(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """The ``"paged"`` path of the module docstring: RoPE at each row's own positions, attention by the cache."""
         if "k" in cache or "v" in cache:
@@ -182,10 +187,7 @@ class MoBAAttention(nn.Module):
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         check_tensor("cache['paged'].positions", kv.positions, shape=(B,), dtypes=(torch.long,))
-        positions = kv.positions[:, None] + torch.arange(T, device=x.device)  # [B, T]
-        q = apply_rope(self.q_proj(x).view(B, T, H, D), positions, self.inv_freq)
-        k = apply_rope(self.k_proj(x).view(B, T, H, D), positions, self.inv_freq)
-        v = self.v_proj(x).view(B, T, H, D)
+        q, k, v = self._qkv(x, kv.positions[:, None] + torch.arange(T, device=x.device))  # positions [B, T]
         out = check_tensor("cache['paged'].attend(q, k, v)", kv.attend(q, k, v), shape=(B, T, H, D))
         if self.track_max_logits:
             self.max_logits = None  # the logits never left attend

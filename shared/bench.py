@@ -29,6 +29,7 @@ __all__ = [
     "Table",
     "markdown_from_json",
     "update_readme",
+    "split_at_markers",
     "H100_BF16_TFLOPS",
     "H100_COPY_TBPS",
     "fmt_value",
@@ -211,16 +212,23 @@ def markdown_from_json(data: dict, columns: Sequence[str] = Table.columns) -> st
     return head + "\n".join(lines)
 
 
+def split_at_markers(text: str, begin: str, end: str) -> tuple[str, str, str] | None:
+    """``(before begin, between the markers, after end)``, or None when either marker is missing."""
+    if begin not in text or end not in text:
+        return None
+    pre, rest = text.split(begin, 1)
+    inner, post = rest.split(end, 1)
+    return pre, inner, post
+
+
 def update_readme(readme: str | Path, json_paths: Sequence[str | Path]) -> bool:
     """Replace the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` with the tables
     generated from ``json_paths``; returns whether the README had the markers."""
     readme = Path(readme)
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
+    parts = split_at_markers(readme.read_text(), BEGIN, END)
+    if parts is None:
         return False
     tables = [markdown_from_json(json.loads(Path(p).read_text())) for p in json_paths]
     body = "\n\n".join(tables) if tables else "No GPU results committed yet."
-    pre, rest = text.split(BEGIN, 1)
-    _, post = rest.split(END, 1)
-    readme.write_text(f"{pre}{BEGIN}\n{body}\n{END}{post}")
+    readme.write_text(f"{parts[0]}{BEGIN}\n{body}\n{END}{parts[2]}")
     return True

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanokimi.bench import fmt_value as _fmt
+from nanokimi.bench import split_at_markers
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -209,11 +210,10 @@ def chapter_table(table: str, root: Path = REPO) -> str:
 
 
 def _between(text: str, begin: str, end: str) -> tuple[str, str, str]:
-    if begin not in text or end not in text:
+    parts = split_at_markers(text, begin, end)
+    if parts is None:
         raise ValueError(f"README.md: expected the markers {begin} and {end}, found none")
-    pre, rest = text.split(begin, 1)
-    inner, post = rest.split(end, 1)
-    return pre, inner, post
+    return parts
 
 
 def render(readme_text: str, table: str) -> str:

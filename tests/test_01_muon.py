@@ -16,6 +16,7 @@ from torch import nn
 
 from nanokimi.muon import Muon, MuonWithAdamW, QKClip, max_logit_per_head, muon_param_groups
 from nanokimi.muon.kernels import (
+    _TMA_ROWS,
     compute_dtype,
     gram_triton,
     newton_schulz_iterate_triton,
@@ -214,14 +215,10 @@ def test_kernel_bad_inputs(device):
 
 
 # --- the tensor-descriptor (TMA) kernels: persistent, one program per upper-triangle tile in turn ---------------
-def tma_rows(device: torch.device) -> int:
-    return 16 if device.type == "cpu" else 128  # the TMA configs' row tile: the interpreter's, the H100's
-
-
 @pytest.mark.parametrize("batch,tiles,k", [(1, 3, 40), (2, 2, 56), (3, 1, 8)])
 def test_gram_tma_path(device, batch, tiles, k):
     # k = 40, 56: the last K slice is cut by the descriptor's edge (zero-filled); 3 programs share 6 tiles on CPU
-    m = tiles * tma_rows(device)
+    m = tiles * _TMA_ROWS
     X = randn(batch, m, k, seed=16, device=device, dtype=compute_dtype())
     out = poisoned_like(torch.empty(batch, m, m, device=device, dtype=X.dtype))
     gram_triton(X, out=out, tma=True)
@@ -236,7 +233,7 @@ def test_gram_tma_path(device, batch, tiles, k):
 
 @pytest.mark.parametrize("batch,tiles,n", [(1, 2, 40), (2, 1, 104)])
 def test_poly_tma_path(device, batch, tiles, n):
-    m = tiles * tma_rows(device)
+    m = tiles * _TMA_ROWS
     B = randn(batch, m, m, seed=17, device=device, dtype=compute_dtype())
     X = randn(batch, m, n, seed=18, device=device, dtype=compute_dtype())
     out = poisoned_like(X)
@@ -246,7 +243,7 @@ def test_poly_tma_path(device, batch, tiles, n):
 
 
 def test_newton_schulz_tma_and_pointer_paths(device):
-    G = randn(2, 2 * tma_rows(device), 72, seed=19, device=device)
+    G = randn(2, 2 * _TMA_ROWS, 72, seed=19, device=device)
     want = newton_schulz(G.double())
     for tma in (True, False):
         out = newton_schulz_triton(G, tma=tma)
@@ -254,7 +251,7 @@ def test_newton_schulz_tma_and_pointer_paths(device):
 
 
 def test_tma_path_bad_inputs(device):
-    rows = tma_rows(device)
+    rows = _TMA_ROWS
     with pytest.raises(ValueError, match=f"tma: expected rows divisible by {rows}"):
         gram_triton(randn(1, rows + 1, 16, seed=20, device=device, dtype=compute_dtype()), tma=True)
     with pytest.raises(ValueError, match="tma: expected rows divisible"):  # tall: iterated as a transposed view

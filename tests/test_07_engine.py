@@ -27,15 +27,8 @@ from nanokimi.sim import tbt_from_token_times
 from nanokimi.testing import assert_close, randn
 
 PAGE = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The engine's two workers share the CPU; one intra-op thread each keeps them from oversubscribing it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The engine's two workers share the CPU; one intra-op thread each keeps them from oversubscribing it.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(dtype: torch.dtype) -> TinyKimi:
