@@ -16,7 +16,16 @@ import torch
 
 from nanokimi.triton_utils import interpreting
 
-__all__ = ["rel_err", "assert_close", "poisoned_like", "poisoned_empty", "randn", "rand", "kernel_device"]
+__all__ = [
+    "rel_err",
+    "assert_close",
+    "check_attempt_close",
+    "poisoned_like",
+    "poisoned_empty",
+    "randn",
+    "rand",
+    "kernel_device",
+]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -134,3 +143,20 @@ def rand(
 def kernel_device() -> torch.device:
     """Where Triton kernels run here: CPU under the interpreter, else the current CUDA device."""
     return torch.device("cpu") if interpreting() else torch.device("cuda")
+
+
+def check_attempt_close(
+    name: str, got: object, want: torch.Tensor, rtol: float, hint: str = "", atol: float = 0.0
+) -> None:
+    """``assert_close`` for a student's result: first that it is a tensor of the reference's shape and dtype, then
+    the values; ``hint`` is appended to a failure message."""
+    if not isinstance(got, torch.Tensor):
+        raise AssertionError(f"{name}: expected a torch.Tensor, got {type(got).__name__}")
+    if tuple(got.shape) != tuple(want.shape):
+        raise AssertionError(f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    if got.dtype != want.dtype:
+        raise AssertionError(f"{name}: dtype {got.dtype}, expected {want.dtype}")
+    try:
+        assert_close(name, got, want, rtol_rel=rtol, atol=atol)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n  hint: {hint}" if hint else str(err)) from None

@@ -215,7 +215,7 @@ def test_poisoned_empty_poisons_only_while_active():
 
 
 def test_check_attempt_close_names_type_shape_dtype_and_hint():
-    from nanokimi.grade import check_attempt_close
+    from nanokimi.testing import check_attempt_close
 
     want = torch.zeros(2, 3)
     check_attempt_close("x", torch.zeros(2, 3), want, 1e-6)

@@ -15,9 +15,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from nanokimi.grade import call_attempt as _call
-from nanokimi.grade import check_attempt_close
 from nanokimi.muon import QKClip, max_logit_per_head, reference
-from nanokimi.testing import kernel_device, poisoned_like, randn
+from nanokimi.testing import check_attempt_close, kernel_device, poisoned_like, randn
 from nanokimi.triton_utils import interpreting
 
 QUINTIC = reference.DEFAULT_COEFFICIENTS

@@ -9,6 +9,7 @@ from types import ModuleType
 
 import torch
 
+from nanokimi.grade import call_attempt
 from nanokimi.moba import reference
 from nanokimi.testing import assert_close, rand, randn
 
@@ -251,22 +252,6 @@ def check_ex4_tile_selection(m: ModuleType) -> None:
 
 
 # --- exercise 5 --------------------------------------------------------------------------------------------
-def _launch(fn, *args, **kwargs):
-    """Call a Triton launcher, reporting a stub kernel as NotImplementedError: the interpreter wraps the stub's
-    exception in its own, and the compiler (on a GPU) rejects the stub's ``raise`` with the line in its message."""
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError:
-        raise
-    except Exception as exc:
-        cause = exc
-        while cause is not None:
-            if isinstance(cause, NotImplementedError) or "raise NotImplementedError" in str(cause):
-                raise NotImplementedError(f"the kernel is not written yet ({type(exc).__name__})") from exc
-            cause = cause.__cause__ or cause.__context__
-        raise
-
-
 def check_ex5_triton_block_visit(m: ModuleType) -> None:
     import nanokimi  # noqa: F401  (sets TRITON_INTERPRET=1 on a machine without CUDA)
     from nanokimi.testing import kernel_device
@@ -289,7 +274,7 @@ def check_ex5_triton_block_visit(m: ModuleType) -> None:
         else:
             gate = reference.select_blocks(reference.block_scores(q, k, bs), int(kind[5:]), bs, q_offset=T - Tq)
         args = [x.to(device, torch.float32) for x in (q, k, v)]
-        result = _launch(m.block_visit_attention, *args, gate.to(device), bs, block_m=block_m)
+        result = call_attempt(m.block_visit_attention, *args, gate.to(device), bs, block_m=block_m)
         assert isinstance(result, tuple) and len(result) == 2, f"case {name}: expected (o, visited), got {result!r}"
         out, visited = result
         _check_shape_dtype(f"case {name}: o", out, (B, Tq, H, D), torch.float32)

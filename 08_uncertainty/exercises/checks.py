@@ -16,9 +16,8 @@ import torch
 
 from nanokimi.data import Batch
 from nanokimi.grade import call_attempt as _call
-from nanokimi.grade import check_attempt_close
 from nanokimi.model import TinyKimi, TinyKimiConfig
-from nanokimi.testing import kernel_device, poisoned_empty, randn
+from nanokimi.testing import check_attempt_close, kernel_device, poisoned_empty, randn
 from nanokimi.uncertainty import CUPID, CUPIDOutputs, token_uncertainty_reference
 from nanokimi.uncertainty import metrics as ref_metrics
 
