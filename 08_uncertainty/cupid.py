@@ -45,7 +45,7 @@ from nanokimi.model import TinyKimi
 from nanokimi.uncertainty.scores import Scorer, reduce_over_tokens
 from nanokimi.uncertainty.sites import check_base_model, check_layer, check_token_batch, frozen, run_with_sites
 
-__all__ = ["CUPID", "CUPIDOutputs", "CUPIDScorer", "ResidualMLP", "fit_plugin", "check_weight"]
+__all__ = ["CUPID", "CUPIDOutputs", "CUPIDScorer", "ResidualMLP", "cupid_loss_terms", "fit_plugin", "check_weight"]
 
 CUPID_SCORES = ("aleatoric", "epistemic")
 
@@ -80,6 +80,26 @@ class CUPIDOutputs:
     features: torch.Tensor  # [B, T, D]
     reconstruction: torch.Tensor  # [B, T, D]
     log_var: torch.Tensor  # [B, T]
+
+
+def cupid_loss_terms(
+    out: CUPIDOutputs,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    output_weight: float,
+    perturb_weight: float,
+    hetero_weight: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The CUPID loss of given outputs over the tokens selected by ``mask`` [B, T] (targets [B, T] the next tokens):
+    ``output_weight · (output_l1 − perturb_weight · feature_l1) + hetero_weight · hetero``, and its three terms."""
+    output_l1 = (out.insert_logits.float() - out.base_logits.float()).abs().mean(-1)[mask].mean()
+    feature_l1 = (out.reconstruction.float() - out.features.float()).abs().mean(-1)[mask].mean()
+    probs = out.insert_logits.float().softmax(-1)  # [B, T, V]
+    labels = F.one_hot(targets, probs.shape[-1]).float()
+    brier = (probs - labels).pow(2).sum(-1)  # [B, T]
+    hetero = (0.5 * (brier * torch.exp(-out.log_var) + out.log_var))[mask].mean()
+    total = output_weight * (output_l1 - perturb_weight * feature_l1) + hetero_weight * hetero
+    return total, {"output_l1": output_l1, "feature_l1": feature_l1, "hetero": hetero}
 
 
 class CUPID(nn.Module):
@@ -146,8 +166,7 @@ class CUPID(nn.Module):
                 base_logits, feats = run_with_sites(self.base, tokens, read=(self.layer,))
             features = feats[self.layer]
             if self.final_site:  # the insert's downstream network is lm_head alone: no second pass
-                insert(features)
-                insert_logits = self.base.lm_head(made["reconstruction"])
+                insert_logits = self.base.lm_head(insert(features))
             else:
                 insert_logits, _ = run_with_sites(self.base, tokens, replace=(self.layer, insert))
         return CUPIDOutputs(base_logits, insert_logits, features, made["reconstruction"], made["log_var"])
@@ -157,25 +176,15 @@ class CUPID(nn.Module):
         check_token_batch(batch.inputs, batch.loss_mask, self.base.cfg.vocab_size)
         if not bool(batch.loss_mask.any()):
             raise ValueError("batch: loss_mask selects no answer token, so the loss is undefined")
-        out = self.outputs(batch.inputs)
-        mask = batch.loss_mask
-        output_l1 = (out.insert_logits.float() - out.base_logits.float()).abs().mean(-1)[mask].mean()
-        feature_l1 = (out.reconstruction.float() - out.features.float()).abs().mean(-1)[mask].mean()
-        probs = out.insert_logits.float().softmax(-1)  # [B, T, V]
-        labels = F.one_hot(batch.targets, probs.shape[-1]).float()
-        brier = (probs - labels).pow(2).sum(-1)  # [B, T]
-        hetero = (0.5 * (brier * torch.exp(-out.log_var) + out.log_var))[mask].mean()
-        total = self.output_weight * (output_l1 - self.perturb_weight * feature_l1) + self.hetero_weight * hetero
-        parts = {
-            name: float(value.detach())
-            for name, value in (
-                ("loss", total),
-                ("output_l1", output_l1),
-                ("feature_l1", feature_l1),
-                ("hetero", hetero),
-            )
-        }
-        return total, parts
+        total, terms = cupid_loss_terms(
+            self.outputs(batch.inputs),
+            batch.targets,
+            batch.loss_mask,
+            self.output_weight,
+            self.perturb_weight,
+            self.hetero_weight,
+        )
+        return total, {name: float(value.detach()) for name, value in {"loss": total, **terms}.items()}
 
     @torch.no_grad()
     def token_scores(self, tokens: torch.Tensor, kinds: tuple[str, ...] = CUPID_SCORES) -> dict[str, torch.Tensor]:
@@ -185,11 +194,11 @@ class CUPID(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with frozen(self.base):
-                if "epistemic" not in kinds:  # the log-variance head only reads f: one base pass
+            if "epistemic" not in kinds:  # the log-variance head only reads f: one base pass
+                with frozen(self.base):
                     _, feats = run_with_sites(self.base, tokens, read=(self.layer,))
-                    return {"aleatoric": self(feats[self.layer])[1].float().exp()}
-                out = self.outputs(tokens)
+                return {"aleatoric": self(feats[self.layer])[1].float().exp()}
+            out = self.outputs(tokens)  # runs the base frozen itself
         finally:
             self.train(was_training)
         scores = {

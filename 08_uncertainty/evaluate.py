@@ -174,6 +174,12 @@ def answer_confidence(model: TinyKimi, data: EvalSet, batch_size: int = 256) -> 
     return torch.cat(out).double().numpy()
 
 
+def _sweep_sites(n_layers: int, layers, cupid_layer: int) -> list[int]:
+    """The CUPID sites of a layer sweep: ``layers`` (default all, 0 … n_layers), plus the main comparison's site."""
+    sites = list(range(n_layers + 1)) if layers is None else list(layers)
+    return sites if cupid_layer in sites else [*sites, cupid_layer]
+
+
 def auroc_difference_ci(
     scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
@@ -291,9 +297,7 @@ def evaluate_task(
     """
     check_base_model(base)
     n_layers = base.cfg.n_layers
-    layers = list(range(n_layers + 1)) if layers is None else list(layers)
-    if cupid_layer not in layers:
-        layers.append(cupid_layer)
+    layers = _sweep_sites(n_layers, layers, cupid_layer)
     say = print if progress else (lambda *a, **k: None)
     fit_args = {"hidden": hidden, "fit_steps": fit_steps, "fit_batch": fit_batch, "lr": lr, "seed": seed}
 
@@ -318,6 +322,7 @@ def evaluate_task(
     ]
     say(f"answered {len(id_set)} id + {sum(len(s) for s in ood_sets)} ood problems in {time.perf_counter() - t0:.1f} s")
     accuracy = 1.0 - float(id_set.errors.mean())
+    ood_labels = {s.name: np.r_[np.zeros(len(id_set)), np.ones(len(s))] for s in ood_sets}  # 0 = id, 1 = ood
 
     sweep, fits, cupids = {}, {}, {}
     for layer in layers:
@@ -330,10 +335,7 @@ def evaluate_task(
             id_scores = score_set(scorer, id_set)
             row[kind] = {
                 "error_auroc": _auroc_or_none(id_scores, id_set.errors),
-                **{
-                    s.name: auroc(np.r_[id_scores, score_set(scorer, s)], np.r_[np.zeros(len(id_set)), np.ones(len(s))])
-                    for s in ood_sets
-                },
+                **{s.name: auroc(np.r_[id_scores, score_set(scorer, s)], ood_labels[s.name]) for s in ood_sets},
             }
         sweep[str(layer)] = row
 
@@ -361,7 +363,7 @@ def evaluate_task(
             roc["error"][scorer.name] = thin_curve(*roc_curve(id_scores, id_set.errors))
         for s in ood_sets:
             scores = np.r_[id_scores, score_set(scorer, s)]
-            labels = np.r_[np.zeros(len(id_set)), np.ones(len(s))]
+            labels = ood_labels[s.name]
             ood[s.name][scorer.name] = auroc(scores, labels)
             ood_scores[s.name][scorer.name] = scores
             roc[s.name][scorer.name] = thin_curve(*roc_curve(scores, labels))
@@ -375,8 +377,9 @@ def evaluate_task(
     for s in ood_sets:
         best = max(SINGLE_PASS, key=lambda k: ood[s.name][k])
         cupid_e = ood[s.name]["cupid_epistemic"]
-        labels = np.r_[np.zeros(len(id_set)), np.ones(len(s))]
-        low, high = auroc_difference_ci(ood_scores[s.name]["cupid_epistemic"], ood_scores[s.name][best], labels)
+        low, high = auroc_difference_ci(
+            ood_scores[s.name]["cupid_epistemic"], ood_scores[s.name][best], ood_labels[s.name]
+        )
         target[s.name] = {
             "cupid_epistemic": cupid_e,
             "best_single_pass": best,
@@ -437,9 +440,7 @@ def evaluate_noise(
         task=task,
         max_new_tokens=task.max_response_len() + 1,
     )
-    layers = list(range(n_layers + 1)) if layers is None else list(layers)
-    if cupid_layer not in layers:
-        layers.append(cupid_layer)
+    layers = _sweep_sites(n_layers, layers, cupid_layer)
     sweep, fits, cupids = {}, {}, {}
     for layer in layers:
         cupids[layer], fits[str(layer)] = _fit_cupid(model, task, layer, fit_args)

@@ -9,17 +9,16 @@ fp64. A failure raises AssertionError naming the case, the element and the size 
 from __future__ import annotations
 
 import itertools
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from nanokimi.data import Batch
 from nanokimi.grade import call_attempt as _call
 from nanokimi.model import TinyKimi, TinyKimiConfig
 from nanokimi.testing import check_attempt_close, kernel_device, poisoned_empty, randn
 from nanokimi.uncertainty import CUPID, CUPIDOutputs, token_uncertainty_reference
 from nanokimi.uncertainty import metrics as ref_metrics
+from nanokimi.uncertainty.cupid import cupid_loss_terms
 
 # A tiny TinyKimi with every part (KDA, MoBA, MoE, Block AttnRes): the frozen base of exercise 4's CUPID.
 _TINY = {"d_model": 32, "n_heads": 2, "n_layers": 2, "pattern": "KM", "d_ff": 64, "moe_d_ff": 32, "first_k_dense": 1}
@@ -233,17 +232,8 @@ def check_ex3_mahalanobis(m) -> None:
 
 # --- exercise 4 ------------------------------------------------------------------------------------------------
 def _reference_loss(out: CUPIDOutputs, targets: torch.Tensor, mask: torch.Tensor, weights: tuple) -> torch.Tensor:
-    """``CUPID.loss`` on given plug-in outputs: the method runs on a stand-in whose ``outputs`` returns ``out``."""
-    vocab = out.base_logits.shape[-1]
-    stand_in = SimpleNamespace(
-        base=SimpleNamespace(cfg=SimpleNamespace(vocab_size=vocab)),
-        outputs=lambda tokens: out,
-        output_weight=weights[0],
-        perturb_weight=weights[1],
-        hetero_weight=weights[2],
-    )
-    tokens = torch.zeros_like(targets)
-    return CUPID.loss(stand_in, Batch(tokens, targets, mask))[0]
+    """The loss ``CUPID.loss`` computes, on given plug-in outputs."""
+    return cupid_loss_terms(out, targets, mask, *weights)[0]
 
 
 def _check_loss(case: str, m, out: CUPIDOutputs, targets: torch.Tensor, mask: torch.Tensor, weights: tuple) -> None:
