@@ -329,7 +329,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 # --- experiments (smoke size) ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["muon_vs_adamw", "residual_modes", "mqar_mixers"])
+@pytest.mark.parametrize("name", ["muon_vs_adamw", "residual_modes", "mqar_mixers", "backend_parity"])
 def test_experiment_smoke_run_writes_json_and_png(name, tmp_path):
     import importlib
 
@@ -344,6 +344,11 @@ def test_experiment_smoke_run_writes_json_and_png(name, tmp_path):
         assert set(result["modes"]) == {"standard", "full", "block"}
         for r in result["modes"].values():
             assert len(r["hidden_rms"]) == len(r["grad_norm"]) == 6 and min(r["grad_norm"]) > 0
+    elif name == "backend_parity":
+        assert set(result["loss"]) == {"reference", "triton", "reference_rerun"}
+        # the CPU reference is deterministic: its rerun is the floor of zero; the interpreted kernels agree closely
+        assert result["max_reference_rerun_rel_diff"] == 0.0
+        assert result["max_loss_rel_diff"] < 1e-4 and result["agree"]
     else:
         assert set(result["runs"]) == {"KDA only", "MoBA only", "dense", "3:1 hybrid"}
         assert all(len(r["value_accuracy"]) == 1 for r in result["runs"].values())
