@@ -30,10 +30,13 @@ Kernels and what one program computes (``BH = B·H``, ``n = ⌈T / B⌉`` blocks
 
 * ``_block_mean_kernel`` — grid (n, BH): one block's mean key ``K̄_j`` in fp32.
 * ``_gate_kernel`` — grid (⌈Tq / BLOCK_M⌉, BH): scores of ``BLOCK_M`` queries against the past blocks' means
-  (fp32; tf32x3 tensor-core dots on the GPU), a running top-(k−1) merged chunk by chunk of ``BLOCK_N`` blocks —
-  each candidate packed into one int64 key (score bits, then the inverted block index) so one max per round
-  picks the best score and, on ties, the lower block. ``BLOCK_M = 64`` with 4 warps makes each warp own 16 whole
-  rows of the score tile, so the k−1 row maxima per chunk are warp shuffles, not shared-memory round trips.
+  (fp32; tf32x3 tensor-core dots on the GPU) and a running top-(k−1) per query, kept as an unordered set of
+  (score, block) slots and updated chunk by chunk of ``BLOCK_N`` blocks. A chunk is consumed best first — the
+  row max, then the lowest block holding it (ties go to the lower block) replaces the set's weakest slot — for
+  only as many rounds as the tile's most demanding row needs: the number of its candidates at or above its
+  weakest kept score, at most k−1. The gate is ALU-bound, so this is all fp32/int32 compares and selects.
+  ``BLOCK_M = 64`` with 4 warps makes each warp own 16 whole rows of the score tile, so the row reductions are
+  warp shuffles, not shared-memory round trips.
 * ``_rank_kernel`` — grid (⌈Tq / 32⌉, BH), one warp: the counting sort's bookkeeping for 32 rows. It sorts the
   tile's 32·KP (query, block) pairs by one int32 key (block, row, slot) with ``tl.sort``; a pair's rank among the
   tile's pairs of its block is its distance to the first pair of that block (an associative scan), and the
@@ -78,17 +81,29 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 # Tile shapes and launch settings. The GPU values were chosen by a sweep on an H100 (B=1, H=16, D=128, bf16,
-# block 512, top-8; see the chapter README). Under the interpreter the cost is per operation, not per element,
-# so it gets few, medium tiles.
+# block 512, top-8; see the chapter README): 128 gathered queries per pair tile (8 warps, two warpgroups), 128
+# keys per dK/dV program, three pipeline stages. Against 64-query / 64-key tiles they measured only 1–5% faster
+# per kernel. Under the interpreter the cost is per operation, not per element, so it gets few, medium tiles.
 GPU_TILES = {
     "gate": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     "rank": {"BLOCK_M": 32, "num_warps": 1},
-    "pairs": {"BLOCK_M": 64},  # gathered queries per pair tile; shared by the forward and dQ pair kernels
-    "fwd_pairs": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    "pairs": {"BLOCK_M": 128},  # gathered queries per pair tile; shared by the forward and dQ pair kernels
+    "fwd_pairs": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
     "fwd_self": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    "bwd_dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    "bwd_dq_pairs": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "bwd_dkdv": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    "bwd_dq_pairs": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     "bwd_dq_self": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+}
+# fp32 operands take twice the shared memory of 16-bit ones per pipeline stage (and tf32x3 dots keep split
+# copies), so compiled fp32 launches use smaller tiles and fewer stages (with the 16-bit settings of an earlier
+# version the dQ kernels asked for 256 KB at D = 128; the H100 has 227 KB per block).
+GPU_FP32_TILES = {
+    "pairs": {"BLOCK_M": 64},
+    "fwd_pairs": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "fwd_self": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "bwd_dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "bwd_dq_pairs": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
+    "bwd_dq_self": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
 }
 INTERPRETER_TILES = {
     "gate": {"BLOCK_M": 32, "BLOCK_N": 16},
@@ -102,17 +117,12 @@ INTERPRETER_TILES = {
 }
 
 
-# fp32 operands take twice the shared memory of 16-bit ones per pipeline stage (and tf32x3 dots keep split
-# copies), so compiled fp32 launches use fewer stages: with the 16-bit settings the dQ kernels asked for 256 KB
-# at D = 128 (the H100 has 227 KB per block).
-GPU_FP32_STAGES = {"fwd_pairs": 2, "fwd_self": 2, "bwd_dkdv": 2, "bwd_dq_pairs": 1, "bwd_dq_self": 1}
-
-
 def _tiles(kernel: str, dtype: torch.dtype | None = None) -> dict:
-    cfg = dict((INTERPRETER_TILES if interpreting() else GPU_TILES)[kernel])
-    if dtype == torch.float32 and not interpreting() and kernel in GPU_FP32_STAGES:
-        cfg["num_stages"] = GPU_FP32_STAGES[kernel]
-    return cfg
+    if interpreting():
+        return dict(INTERPRETER_TILES[kernel])
+    if dtype == torch.float32 and kernel in GPU_FP32_TILES:
+        return dict(GPU_FP32_TILES[kernel])
+    return dict(GPU_TILES[kernel])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,11 +186,12 @@ def _gate_kernel(
     q_rows = q_ptr + (bh // H).to(tl.int64) * stride_qb + (bh % H) * stride_qh + rows.to(tl.int64)[:, None] * stride_qt
     q = tl.load(q_rows + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
 
-    # Each candidate is one int64 key: the score's bits made monotone in the high half, (2³¹−1 − block) in the low
-    # half, so a single max picks the best score and, among equal scores, the lowest block index.
+    # The running top-KSEL is an unordered set of (score, block) slots; empty slots hold (−inf, −1 − slot), distinct
+    # ids so that exactly one slot is replaced at a time, and padding slots (KSEL ≤ slot < KP) hold +inf: never
+    # the weakest. Order: higher score first, the lower block on equal scores.
     slot = tl.arange(0, KP)
-    none = -9223372036854775807 - 1  # smallest int64: "no block"
-    best = tl.full([BLOCK_M, KP], none, tl.int64)  # running top-KSEL keys, best first
+    best_s = tl.where(slot < KSEL, float("-inf"), float("inf"))[None, :] + tl.zeros([BLOCK_M, KP], tl.float32)
+    best_b = (-1 - slot)[None, :] + tl.zeros([BLOCK_M, KP], tl.int32)
     last_row = tl.minimum(tile * BLOCK_M + BLOCK_M, T_q) - 1
     n_candidates = (last_row + q_offset) // block_size  # blocks before the last row's own block
     for n0 in range(0, n_candidates, BLOCK_N):
@@ -190,21 +201,24 @@ def _gate_kernel(
             mask=(blocks < n_candidates)[:, None],
             other=0.0,
         )
-        scores = tl.dot(q, tl.trans(kbar), input_precision=PRECISION) + 0.0  # [BM, BN] fp32; + 0.0 makes −0 → +0
-        bits = scores.to(tl.int32, bitcast=True)
-        monotone = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int order == float order
-        keys = (monotone.to(tl.int64) << 32) | (0x7FFFFFFF - blocks)[None, :].to(tl.int64)
-        keys = tl.where(blocks[None, :] < current[:, None], keys, none)  # strictly past blocks only
-        # Merge: the new top-KSEL of (running list ∪ this chunk), one pick per round.
-        merged = tl.full([BLOCK_M, KP], none, tl.int64)
-        for r in tl.static_range(KSEL):
-            top = tl.maximum(tl.max(best, axis=1), tl.max(keys, axis=1))  # [BM]
-            merged = tl.where(slot[None, :] == r, top[:, None], merged)
-            best = tl.where(best == top[:, None], none, best)
-            keys = tl.where(keys == top[:, None], none, keys)
-        best = merged
-    picked = 0x7FFFFFFF - (best & 0xFFFFFFFF).to(tl.int32)
-    sel = tl.where(best != none, picked, -1)  # [BM, KP] block ids, −1: no block
+        s = tl.dot(q, tl.trans(kbar), input_precision=PRECISION)  # [BM, BN] fp32 scores
+        s = tl.where(blocks[None, :] < current[:, None], s, float("-inf"))  # strictly past blocks only
+        # Only candidates at or above a row's weakest kept score can enter, and at most KSEL of them: the chunk
+        # is consumed best first for as many rounds as the most demanding row of the tile needs (fp32 and int32
+        # compares throughout — this loop is the gate's whole cost).
+        floor = tl.min(best_s, axis=1)  # [BM]
+        n_new = tl.sum(((s >= floor[:, None]) & (s > float("-inf"))).to(tl.int32), axis=1)
+        for _ in range(tl.minimum(tl.max(n_new, axis=0), KSEL)):
+            top = tl.max(s, axis=1)  # [BM] the chunk's best remaining score
+            win = tl.min(tl.where(s == top[:, None], blocks[None, :], 0x7FFFFFFF), axis=1)  # lowest block of a tie
+            s = tl.where(blocks[None, :] == win[:, None], float("-inf"), s)
+            low = tl.min(best_s, axis=1)  # the weakest kept slot: lowest score, then highest block
+            loser = tl.max(tl.where(best_s == low[:, None], best_b, -KP - 1), axis=1)
+            enter = (top > float("-inf")) & ((top > low) | ((top == low) & (win < loser)))
+            replace = (best_b == loser[:, None]) & enter[:, None]
+            best_s = tl.where(replace, top[:, None], best_s)
+            best_b = tl.where(replace, win[:, None], best_b)
+    sel = tl.where(best_b >= 0, best_b, -1)  # [BM, KP] block ids, −1: no block
     offs = (bh * T_q + rows).to(tl.int64)[:, None] * KSEL + slot[None, :]
     tl.store(sel_ptr + offs, sel, mask=row_ok[:, None] & (slot[None, :] < KSEL))
 
@@ -355,12 +369,13 @@ def _fwd_pairs_kernel(
         else:
             k = tl.load(k_base + kv_offs, mask=(n < hi)[:, None], other=0.0)
             v = tl.load(v_base + kv_offs, mask=(n < hi)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN] logits in log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] q·k; the logits are qk_scale·s
         if not EVEN_N:
             s = tl.where((n < hi)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Scale after the row max (qk_scale > 0), so that qk_scale·s − m is one fused multiply-add per element.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -429,13 +444,13 @@ def _fwd_self_kernel(
         kv_offs = n.to(tl.int64)[:, None] * stride_kt + d[None, :]
         k = tl.load(k_base + kv_offs, mask=(n < hi)[:, None], other=0.0)
         v = tl.load(v_base + kv_offs, mask=(n < hi)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         keep = (n[None, :] <= pos[:, None]) & ((n // block_size)[None, :] == current[:, None])
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row may see no key of this chunk yet
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -859,7 +874,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, block_size: int, ksel: int) -> Gathe
         KP=KP,
         BLOCK_M=cfg["BLOCK_M"],
     )
-    pair_m = _tiles("pairs")["BLOCK_M"]
+    pair_m = _tiles("pairs", q.dtype)["BLOCK_M"]
     tiles_per_group = (group_count + pair_m - 1) // pair_m
     tile_end = tiles_per_group.cumsum(0, dtype=torch.int32)
     max_tiles = triton.cdiv(n_pairs_max, pair_m) + group_count.numel()
@@ -935,7 +950,7 @@ def _forward(q, k, v, block_size: int, topk: int, scale: float, track_max: bool,
             *q.stride()[:3],
             *k.stride()[:3],
             HEAD_DIM=D,
-            BLOCK_M=_tiles("pairs")["BLOCK_M"],
+            BLOCK_M=_tiles("pairs", q.dtype)["BLOCK_M"],
             EVEN_N=block_size % cfg["BLOCK_N"] == 0,
             TRACK_MAX=track_max,
             PRECISION=precision,
@@ -1041,7 +1056,7 @@ def _backward(q, k, v, o, lse, do, plan: GatherPlan | None, block_size: int, sca
             *q.stride()[:3],
             *k.stride()[:3],
             HEAD_DIM=D,
-            BLOCK_M=_tiles("pairs")["BLOCK_M"],
+            BLOCK_M=_tiles("pairs", q.dtype)["BLOCK_M"],
             EVEN_N=block_size % cfg["BLOCK_N"] == 0,
             PRECISION=precision,
             **cfg,
