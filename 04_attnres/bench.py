@@ -1,14 +1,26 @@
-"""Benchmark: ``python -m nanokimi.attnres.bench [--stream]`` (GPU). Anchors are timed in the same run.
+"""Benchmark: ``python -m nanokimi.attnres.bench [--stream] [--only SECTION ...]`` (GPU). Anchors are timed in the
+same run; ``--only`` prints the chosen sections and leaves results/ and the README alone.
 
 Shapes (issue 6): L = 32 sublayers, block 8, B·T = 16384 tokens, D = 2048, bf16, forward and forward+backward.
 
 * phase 1 — N = 5 sources (the embedding and 4 completed blocks), S = 8 queries: a fifth block's phase 1, one
   block deeper than the largest phase-1 call of L = 32 (its last block sees N = 4; N = 5 is its final
-  aggregation, which has one query);
-* phase 2 — one online merge;
-* training-step overhead — fwd+bwd of L = 32 pre-norm SwiGLU sublayers (D = 2048, d_ff = 5632, 16384 tokens,
-  bf16) with each residual mode. This stack stands in for a GPU-size TinyKimi: a TinyKimi step would compile every
-  chapter's kernels (KDA, MoBA, MoE) as well, which does not fit one device call together with these rows;
+  aggregation, which has one query); and N = 17, S = 1: Full AttnRes' average call at L = 32 (sublayer l reads
+  l + 1 sources, the final query 33), which runs on the one-query row kernels (anchors: eager torch and
+  flash-attn-res; torch.compile would recompile for the new shape);
+* phase 2 — one online merge. These rows time one small op at a time, so host-side work (argument checks, autograd)
+  is part of them; in a training step it overlaps the GPU work;
+* TinyKimi training step — the model the chapters build, preset ``gpu-small`` (8 layers, D = 1024, 16 residual
+  sublayers, Block AttnRes block size 4, MoE; fp32, Triton backends), one batch of 8 × 506 random tokens (the shape
+  of backend_parity's MQAR batch), residual ``standard`` / ``block`` / ``full`` from the same seed. Timed, per step:
+  ``zero_grad``, forward, cross-entropy over all positions, backward (the "fwd+bwd" rows), then the
+  ``MuonWithAdamW`` step of ``nanokimi.train.build_optimizer`` (the "step" rows; QK-clip and the MoE bias update are
+  left out). The learning rate is 0: the optimizer does all its arithmetic but the weights stay put, so every step
+  and every mode routes the same tokens to the same experts. Median wall-clock (synchronised) of 15 steps after 3
+  warm-up steps; the first step compiles every chapter's kernels;
+* stand-in step — fwd+bwd (no optimizer) of L = 32 pre-norm SwiGLU sublayers (D = 2048, d_ff = 5632, 16384
+  tokens, bf16) with each residual mode, the issue's kernel shape. The harsher test: bf16 matmuls are fast, so the
+  residual's memory traffic is a larger share of the step than in the fp32 TinyKimi;
 * whole stream (only with ``--stream``, about a minute more) — the depth mixing of a 32-sublayer Block AttnRes
   stack (identity sublayers, so only the residual machinery is timed): ours is
   ``ResidualStream("block", backend="triton")``; the anchors run the textbook two-phase loop (stack the blocks,
@@ -18,12 +30,14 @@ Shapes (issue 6): L = 32 sublayers, block 8, B·T = 16384 tokens, D = 2048, bf16
 Anchors: eager torch, ``torch.compile`` (default mode) of the same torch functions, and the flash-attn-res 0.1.12
 Triton phase kernels (its autotuner runs on the phase rows; the stream rows reuse the configs it picked there, so
 that every source count does not re-run the full autotune). GB/s counts the bytes each op must move at least
-(read inputs once, write outputs once), against the measured 3.0 TB/s H100 copy ceiling.
+(read inputs once, write outputs once), against the measured 3.0 TB/s H100 copy ceiling. Each section prints the
+seconds elapsed.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +50,10 @@ from nanokimi.attnres import ResidualStream, depth_attention_triton, online_merg
 from nanokimi.bench import H100_COPY_TBPS, Table, time_ms
 
 TOKENS, D, L, BLOCK, N_SOURCES = 16384, 2048, 32, 8, 5
+FULL_SOURCES = 17  # Full AttnRes at L = 32: sublayer l reads l + 1 sources, 17 on average over the 33 calls
 D_FF = 5632
+TINYKIMI_BATCH, TINYKIMI_SEQ = 8, 506  # backend_parity's MQAR batch (26 pairs, gap 400): 4048 tokens
+TINYKIMI_WARMUP, TINYKIMI_STEPS = 3, 15
 EPS = 1e-6
 DTYPE = torch.bfloat16
 CHAPTER = Path(__file__).resolve().parent
@@ -139,8 +156,9 @@ def report(table: Table, name: str, shape: str, ours_ms: float, anchors: dict, n
 
 
 # --- benchmarks ------------------------------------------------------------------------------------------------------
-def bench_phase1(table: Table, far, compiled: dict) -> None:
-    n, s, b = N_SOURCES, BLOCK, 2  # elements per [B·T, D] tensor below
+def bench_phase1(table: Table, far, compiled: dict | None, n: int, s: int) -> None:
+    """Phase 1 at N sources × S queries; torch.compile only where ``compiled`` is given (one shape per compile)."""
+    b = 2  # bytes per element of a [B·T, D] plane below
     shape = f"N={n} S={s} BT={TOKENS} D={D} bf16"
     values = (torch.randn(n, 1, TOKENS, D, device="cuda") * torch.rand(n, 1, 1, 1, device="cuda") * 3).to(DTYPE)
     queries = torch.randn(s, D, device="cuda") / D**0.5
@@ -151,7 +169,9 @@ def bench_phase1(table: Table, far, compiled: dict) -> None:
     fwd_bytes = (n + s) * plane + s * TOKENS * 4
     bwd_bytes = fwd_bytes + (2 * n + s) * plane + s * TOKENS * 4  # + read V, dO, dlse; write dV
     impls = {"ours": lambda v, q: depth_attention_triton(v, q, None, EPS)}
-    anchors = {"eager torch": torch_phase1, "torch.compile": compiled["phase1"]}
+    anchors = {"eager torch": torch_phase1}
+    if compiled is not None:
+        anchors["torch.compile"] = compiled["phase1"]
     if far is not None:
         anchors["flash-attn-res 0.1.12"] = far["phase1"]
     for label, nbytes, make in (
@@ -223,7 +243,8 @@ class SwiGLU(nn.Module):
         return self.w_out(F.silu(a) * b)
 
 
-def bench_step_overhead(table: Table) -> None:
+def bench_standin_step(table: Table) -> None:
+    """fwd+bwd of the stand-in stack (no optimizer), median of do_bench, for each residual mode."""
     batch, seq = 4, TOKENS // 4
     shape = f"L={L} SwiGLU D={D} ff={D_FF} B={batch} T={seq} bf16"
     sublayers = nn.ModuleList(SwiGLU(D, D_FF) for _ in range(L)).cuda().to(DTYPE)
@@ -247,14 +268,78 @@ def bench_step_overhead(table: Table) -> None:
             for q in stream.queries:
                 q.normal_(0.0, D**-0.5)
         ms = step_ms(stream)
-        name = f"train step {mode}" + (f"={block}" if block else "") + " (triton)"
+        name = f"stand-in fwd+bwd {mode}" + (f"={block}" if block else "")
         row = table.add(name, shape, ms, "standard residual", standard, overhead_pct=100 * (ms / standard - 1))
         print(f"  {name:28s} {ms:8.2f} ms vs standard {standard:8.2f} ms: +{row['overhead_pct']:.1f}%", flush=True)
+
+
+def tinykimi_step_ms(residual: str, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
+    """(fwd+bwd ms, whole-step ms, first-step s) of a fresh gpu-small TinyKimi with this residual mode: medians of
+    wall-clock times (synchronised) over TINYKIMI_STEPS steps after TINYKIMI_WARMUP warm-up steps."""
+    from nanokimi.model import TinyKimi, TinyKimiConfig
+    from nanokimi.train import TrainConfig, build_optimizer
+
+    torch.manual_seed(0)  # the same weights in every mode (the residual's own parameters are zeros and ones)
+    model = TinyKimi(TinyKimiConfig.preset("gpu-small", residual=residual)).cuda()
+    opt = build_optimizer(model, TrainConfig(preset="gpu-small"))
+    for group in opt.param_groups:  # lr 0: the optimizer does all its arithmetic but the weights stay put, so
+        group["lr"] = 0.0  # every step (and every mode) routes the same tokens to the same experts
+    fwd_bwd, whole = [], []
+    first_s = 0.0
+    for k in range(TINYKIMI_WARMUP + TINYKIMI_STEPS):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits, _ = model(inputs)
+        F.cross_entropy(logits.float().transpose(1, 2), targets).backward()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        opt.step()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if k == 0:
+            first_s = t2 - t0
+            print(f"  TinyKimi {residual}: first step (compiles and autotunes) {first_s:.1f} s", flush=True)
+        if k >= TINYKIMI_WARMUP:
+            fwd_bwd.append(1e3 * (t1 - t0))
+            whole.append(1e3 * (t2 - t0))
+    del model, opt
+    torch.cuda.empty_cache()
+    return statistics.median(fwd_bwd), statistics.median(whole), first_s
+
+
+def bench_tinykimi_step(table: Table) -> None:
+    """A TinyKimi gpu-small training step with each residual mode (same weights, same batch of random tokens)."""
+    from nanokimi.model import TinyKimiConfig
+
+    cfg = TinyKimiConfig.preset("gpu-small")
+    block = cfg.attnres_block_size
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(cfg.vocab_size, (TINYKIMI_BATCH, TINYKIMI_SEQ + 1), generator=gen).cuda()
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    shape = f"gpu-small {cfg.n_layers} layers D={cfg.d_model} B={TINYKIMI_BATCH} T={TINYKIMI_SEQ} fp32"
+    times = {}
+    for residual in ("standard", "block", "full"):
+        fwd_bwd, whole, first_s = tinykimi_step_ms(residual, inputs, targets)
+        times[residual] = {"fwd+bwd": fwd_bwd, "step": whole}
+        print(f"  TinyKimi {residual:8s} fwd+bwd {fwd_bwd:7.2f} ms, step {whole:7.2f} ms (first step {first_s:.1f} s)")
+    for residual, label in (("block", f"block={block}"), ("full", "full")):
+        for part in ("step", "fwd+bwd"):
+            ms, standard = times[residual][part], times["standard"][part]
+            name = f"TinyKimi {part} {label}"
+            row = table.add(name, shape, ms, "standard residual", standard, overhead_pct=100 * (ms / standard - 1))
+            print(f"  {name:28s} {ms:8.2f} ms vs standard {standard:8.2f} ms: {row['overhead_pct']:+.1f}%", flush=True)
+
+
+SECTIONS = ("phase1", "phase1-one-query", "merge", "stand-in", "tinykimi", "stream")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stream", action="store_true", help="also time the whole 32-sublayer stream")
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, help="run these sections only (printed; results and README untouched)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("nanokimi.attnres.bench: needs a CUDA device")
@@ -266,18 +351,21 @@ def main() -> None:
     print(table.header(), flush=True)
     # one compiled object per function, shared by all rows (recompiles only when a shape goes dynamic)
     compiled = {"phase1": torch.compile(torch_phase1), "merge": torch.compile(torch_merge)}
-    sections = [
-        lambda: bench_phase1(table, far, compiled),
-        lambda: bench_merge(table, far, compiled),
-        lambda: bench_step_overhead(table),
-    ]
-    if args.stream:
-        sections.append(lambda: bench_stream(table, far))
+    sections = {
+        "phase1": lambda: bench_phase1(table, far, compiled, N_SOURCES, BLOCK),
+        "phase1-one-query": lambda: bench_phase1(table, far, None, FULL_SOURCES, 1),
+        "merge": lambda: bench_merge(table, far, compiled),
+        "stand-in": lambda: bench_standin_step(table),
+        "tinykimi": lambda: bench_tinykimi_step(table),
+        "stream": lambda: bench_stream(table, far),
+    }
+    chosen = args.only or [name for name in SECTIONS if name != "stream" or args.stream]
     start = time.perf_counter()
-    for section in sections:
-        section()
-        print(f"  ({time.perf_counter() - start:.0f} s elapsed)", flush=True)
-    table.save(CHAPTER)
+    for name in chosen:
+        sections[name]()
+        print(f"  ({name}: {time.perf_counter() - start:.0f} s elapsed)", flush=True)
+    if args.only is None:
+        table.save(CHAPTER)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,17 @@ What one program computes:
   the logits z [N, M, S] and r [N, M] (fp32, N·S + N values per token); the backward reads them back, so its
   pass 1 only forms dp = do·v (no U, no Σv²). Per token the backward reads N·D + S·D elements twice (the second
   time mostly from L2) and writes N·D.
+* phase 1 with one query (S = 1: Full AttnRes, a final aggregation): the tile would pad it to 8 query columns, so
+  it runs on row kernels instead. Forward: ``BLOCK_M`` whole rows, an online softmax over the sources (running
+  max, running sum, running weighted sum of v), each source read once. Backward: one pass over the sources, because
+  do·o = Σ_i p_i dp_i is read off the stored output (as FlashAttention's backward does), so dz_i is known as soon
+  as v_i is loaded.
 * phase 2 (fwd and bwd): ``BLOCK_M`` whole rows (``BLOCK_D ≥ D``, so D ≤ 16384) in one pass, like a fused RMSNorm.
-* query gradients: du is a reduction over all tokens, so the backward kernel stores a = dz·r per token and a
-  separate kernel forms du = Σ_i a_iᵀ v_i with ``tl.dot`` over token splits (grid: D chunks × splits,
-  deterministic, no atomics); a last kernel adds the splits and applies the chain rule through u = q ⊙ g.
+* query gradients: du is a reduction over all tokens. The tile backward stores a = dz·r per token and a separate
+  kernel forms du = Σ_i a_iᵀ v_i with ``tl.dot`` over token splits (grid: D chunks × splits). The backward row
+  kernels (merge, one query) run at most ``_ROW_PROGRAMS`` programs that stride over the row tiles, each keeping its
+  share of du in registers and writing it as one row of partial sums (no second pass over the sources). A last
+  kernel adds the partial rows and applies the chain rule through u = q ⊙ g. Deterministic, no atomics.
 
 Precision: all math is fp32; outputs are stored in the sources' dtype (the merge step's running sum x in
 ``sum_dtype``). With fp32 sources every ``tl.dot`` runs in IEEE fp32. With 16-bit sources a product of two stored
@@ -65,6 +72,7 @@ __all__ = [
 ]
 
 MAX_MERGE_DIM = 16384  # phase 2 keeps whole rows in registers
+_ROW_PROGRAMS = 1024  # striding backward row kernels: several per SM on an H100 (132 SMs)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -223,6 +231,112 @@ def _phase1_bwd_kernel(
         tl.store(dvalues_ptr + v_row[:, None] + d[None, :], dv.to(dvalues_ptr.dtype.element_ty), mask=v_mask)
 
 
+@triton.jit(do_not_specialize=["N", "M"])
+def _one_query_fwd_kernel(
+    values_ptr,  # [N, M, D] sources
+    u_ptr,  # [D] fp32 effective query
+    out_ptr,  # [M, D] sources' dtype (written only if WRITE_OUT)
+    lse_ptr,  # [M] fp32
+    z_ptr,  # [N, M] fp32 logits, kept for the backward
+    r_ptr,  # [N, M] fp32 rms(v)⁻¹, kept for the backward
+    N,
+    M,
+    D,
+    eps,
+    WRITE_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One query (S = 1), BLOCK_M whole rows: an online softmax over the sources, each source read once.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK_D)
+    c_ok = cols < D
+    offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]  # [BM, BD] within one source
+    mask = row_ok[:, None] & c_ok[None, :]
+    plane = tl.cast(M, tl.int64) * D
+    u = tl.load(u_ptr + cols, mask=c_ok, other=0.0)
+    run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_M], tl.float32)  # Σ_i e^{z_i − run_max}
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ_i e^{z_i − run_max} v_i
+    for i in range(N):
+        v = tl.load(values_ptr + i * plane + offs, mask=mask, other=0.0).to(tl.float32)  # [BM, BD]
+        inv_rms = tl.rsqrt(tl.sum(v * v, axis=1) / D + eps)  # [BM]
+        z = tl.sum(v * u[None, :], axis=1) * inv_rms
+        stat = tl.cast(i, tl.int64) * M + rows  # [BM] into z and r
+        tl.store(z_ptr + stat, z, mask=row_ok)
+        tl.store(r_ptr + stat, inv_rms, mask=row_ok)
+        new_max = tl.maximum(run_max, z)
+        rescale = tl.exp(run_max - new_max)  # 0 for the first source
+        p = tl.exp(z - new_max)
+        run_sum = run_sum * rescale + p
+        if WRITE_OUT:
+            acc = acc * rescale[:, None] + p[:, None] * v
+        run_max = new_max
+    tl.store(lse_ptr + rows, run_max + tl.log(run_sum), mask=row_ok)
+    if WRITE_OUT:
+        tl.store(out_ptr + offs, (acc / run_sum[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def _one_query_bwd_kernel(
+    values_ptr,  # [N, M, D]
+    u_ptr,  # [D] fp32
+    out_ptr,  # [M, D] the forward's output (read only if HAS_DOUT)
+    dout_ptr,  # [M, D] (read only if HAS_DOUT)
+    dlse_ptr,  # [M] fp32 (read only if HAS_DLSE)
+    lse_ptr,  # [M] fp32, the forward's
+    z_ptr,  # [N, M] fp32, the forward's logits
+    r_ptr,  # [N, M] fp32, the forward's rms(v)⁻¹
+    dvalues_ptr,  # [N, M, D] sources' dtype
+    du_ptr,  # [G, D] fp32: this program's Σ_{tokens, i} a_i v_i
+    N,
+    M,
+    D,
+    HAS_DOUT: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One query, whole rows, one pass over the sources: do·o = Σ_i p_i dp_i is read off the stored output (as
+    # FlashAttention's backward does), so dz_i = p_i (dp_i − do·o + dlse) is known as soon as v_i is loaded.
+    # Programs stride over the token tiles and keep their share of du = Σ a_i v_i in registers.
+    cols = tl.arange(0, BLOCK_D)
+    c_ok = cols < D
+    plane = tl.cast(M, tl.int64) * D
+    u = tl.load(u_ptr + cols, mask=c_ok, other=0.0)
+    du = tl.zeros([BLOCK_D], tl.float32)
+    for first in range(tl.program_id(0) * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
+        rows = first + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
+        mask = row_ok[:, None] & c_ok[None, :]
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        shared = tl.zeros([BLOCK_M], tl.float32)  # dz_i / p_i − dp_i, the same for every source
+        if HAS_DOUT:
+            do = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BM, BD]
+            o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            shared -= tl.sum(do * o, axis=1)
+        if HAS_DLSE:
+            shared += tl.load(dlse_ptr + rows, mask=row_ok, other=0.0)
+        for i in range(N):
+            v = tl.load(values_ptr + i * plane + offs, mask=mask, other=0.0).to(tl.float32)  # [BM, BD]
+            stat = tl.cast(i, tl.int64) * M + rows
+            z = tl.load(z_ptr + stat, mask=row_ok, other=0.0)
+            inv_rms = tl.load(r_ptr + stat, mask=row_ok, other=0.0)  # 0 on padded rows: a = 0 there
+            p = tl.exp(z - lse)
+            dz = p * shared
+            if HAS_DOUT:
+                dz += p * tl.sum(do * v, axis=1)
+            a = dz * inv_rms  # ∂L/∂(u · v_i)
+            dv = a[:, None] * u[None, :] - (a * z * inv_rms / D)[:, None] * v
+            if HAS_DOUT:
+                dv += p[:, None] * do
+            tl.store(dvalues_ptr + i * plane + offs, dv.to(dvalues_ptr.dtype.element_ty), mask=mask)
+            du += tl.sum(a[:, None] * v, axis=0)
+    tl.store(du_ptr + tl.program_id(0) * D + cols, du, mask=c_ok)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _merge_fwd_kernel(
     out1_ptr,  # [M, D] phase-1 output
@@ -271,39 +385,47 @@ def _merge_bwd_kernel(
     dx_in_ptr,  # [M, D] gradient of x from its other uses (read only if HAS_DX_IN)
     dout1_ptr,  # [M, D]
     dlse1_ptr,  # [M] fp32
-    dx_ptr,  # [M, D]
-    a_ptr,  # [M] fp32: dz·r_x
+    dx_ptr,  # [M, D] x's dtype
+    dupdate_ptr,  # [M, D] the same gradient in the update's dtype (written only if WRITE_DUPDATE)
+    du_ptr,  # [G, D] fp32: this program's Σ_tokens a x, a = dz·r_x
     M,
     D,
     eps,
     HAS_DX_IN: tl.constexpr,
+    WRITE_DUPDATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    # Programs stride over the row tiles and keep their share of du = Σ a x in registers (no second pass over x).
     cols = tl.arange(0, BLOCK_D)
     c_ok = cols < D
-    offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
-    mask = row_ok[:, None] & c_ok[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    o1 = tl.load(out1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + cols, mask=c_ok, other=0.0)
-    lse1 = tl.load(lse1_ptr + rows, mask=row_ok, other=0.0)
-    inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-    z = tl.sum(x * u[None, :], axis=1) * inv_rms
-    w = tl.sigmoid(z - lse1)
-    dz = tl.sum(dh * (x - o1), axis=1) * w * (1.0 - w)  # [BM]
-    a = dz * inv_rms
-    b = dz * z * inv_rms * inv_rms / D
-    dx = w[:, None] * dh + a[:, None] * u[None, :] - b[:, None] * x
-    if HAS_DX_IN:
-        dx += tl.load(dx_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dout1_ptr + offs, ((1.0 - w)[:, None] * dh).to(dout1_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dlse1_ptr + rows, -dz, mask=row_ok)
-    tl.store(a_ptr + rows, a, mask=row_ok)
+    du = tl.zeros([BLOCK_D], tl.float32)
+    for first in range(tl.program_id(0) * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
+        rows = first + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
+        mask = row_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        o1 = tl.load(out1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        lse1 = tl.load(lse1_ptr + rows, mask=row_ok, other=0.0)
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        z = tl.sum(x * u[None, :], axis=1) * inv_rms
+        w = tl.sigmoid(z - lse1)
+        dz = tl.sum(dh * (x - o1), axis=1) * w * (1.0 - w)  # [BM]
+        a = dz * inv_rms
+        b = dz * z * inv_rms * inv_rms / D
+        dx = w[:, None] * dh + a[:, None] * u[None, :] - b[:, None] * x
+        if HAS_DX_IN:
+            dx += tl.load(dx_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dout1_ptr + offs, ((1.0 - w)[:, None] * dh).to(dout1_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DUPDATE:
+            tl.store(dupdate_ptr + offs, dx.to(dupdate_ptr.dtype.element_ty), mask=mask)
+        tl.store(dlse1_ptr + rows, -dz, mask=row_ok)
+        du += tl.sum(a[:, None] * x, axis=0)
+    tl.store(du_ptr + tl.program_id(0) * D + cols, du, mask=c_ok)
 
 
 @triton.jit(do_not_specialize=["N", "M", "S", "tokens_per_split"])
@@ -357,14 +479,20 @@ def _query_grad_finish_kernel(
     S,
     D,
     HAS_NORM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # du = Σ_G partial: [BLOCK_G, BLOCK_D] tiles summed down the G axis (G is up to _ROW_PROGRAMS = 1024 rows; one
+    # row at a time left this kernel latency-bound at 0.3 ms)
     c = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     s = tl.program_id(1)
     c_ok = c < D
-    du = tl.zeros([BLOCK_D], tl.float32)
-    for split in range(G):
-        du += tl.load(partial_ptr + (split * S + s) * D + c, mask=c_ok, other=0.0)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        split = g0 + tl.arange(0, BLOCK_G)
+        ptrs = partial_ptr + (split[:, None] * S + s) * D + c[None, :]
+        acc += tl.load(ptrs, mask=(split < G)[:, None] & c_ok[None, :], other=0.0)
+    du = tl.sum(acc, axis=0)
     if HAS_NORM:
         q = tl.load(q_ptr + s * D + c, mask=c_ok, other=0.0)
         g = tl.load(g_ptr + s * D + c, mask=c_ok, other=0.0)
@@ -411,11 +539,23 @@ def _dot_precisions(dtype: torch.dtype) -> dict:
     return {"EXACT": "tf32", "SPLIT": "tf32x3"}
 
 
-def _merge_meta(d: int) -> dict:
-    """Whole rows; about 4096 elements per tile."""
+def _row_meta(d: int) -> dict:
+    """Row kernels (phase 2, one-query phase 1): whole rows; about 4096 elements per tile."""
     block_d = triton.next_power_of_2(d)
     block_m = max(1, min(16, 4096 // block_d))
     return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": max(1, min(16, block_m * block_d // 512))}
+
+
+def _row_programs(m: int, block_m: int) -> int:
+    """Programs of a backward row kernel that strides over the row tiles (each program writes one [D] row of
+    query-gradient partials, summed by ``_query_grad_finish_kernel``): one per tile up to ``_ROW_PROGRAMS``."""
+    return max(1, min(triton.cdiv(m, block_m), _ROW_PROGRAMS))
+
+
+def _one_query(s: int, d: int) -> bool:
+    """Phase 1 with one query (Full AttnRes, a final aggregation) runs on the row kernels: the tile kernels would pad
+    it to 8 query columns. Rows must fit on chip (D ≤ MAX_MERGE_DIM)."""
+    return s == 1 and d <= MAX_MERGE_DIM
 
 
 def _query_grad_meta(m: int, d: int) -> dict:
@@ -452,7 +592,12 @@ def _phase1_forward(
     z = torch.empty((n, m, s), dtype=torch.float32, device=values.device)
     inv_rms = torch.empty((n, m), dtype=torch.float32, device=values.device)
     out = torch.empty((s, m, d), dtype=values.dtype, device=values.device) if write_out else None
-    if m:
+    if m and _one_query(s, d):
+        meta = _row_meta(d)
+        _one_query_fwd_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
+            values, u, out if write_out else lse, lse, z, inv_rms, n, m, d, eps, WRITE_OUT=write_out, **meta
+        )
+    elif m:
         meta = _phase1_meta(n, s, d, backward=False)
         _phase1_fwd_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
             values,
@@ -477,15 +622,39 @@ def _phase1_backward(
     values: torch.Tensor,
     u: torch.Tensor,
     stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    out: torch.Tensor | None,
     dout: torch.Tensor | None,
     dlse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dvalues [N, M, D] and a = dz·r [N, M, S] (fp32) for the query-gradient reduction; stats = the forward's
-    (lse, z, r)."""
+    """dvalues [N, M, D] and partial sums [G, S, D] (fp32) of du_s = Σ_{tokens, i} a_{s,i} v_i, a = dz·r; stats = the
+    forward's (lse, z, r), out = its output (read by the one-query kernel when dout is given)."""
     n, m, d = values.shape
     s = u.shape[0]
     lse, z, inv_rms = stats
     dvalues = torch.empty_like(values)
+    if _one_query(s, d):
+        meta = _row_meta(d)
+        programs = _row_programs(m, meta["BLOCK_M"])
+        du_partial = torch.empty((programs, 1, d), dtype=torch.float32, device=values.device)
+        _one_query_bwd_kernel[(programs,)](
+            values,
+            u,
+            values if dout is None else out,
+            values if dout is None else dout,
+            lse if dlse is None else dlse,
+            lse,
+            z,
+            inv_rms,
+            dvalues,
+            du_partial,
+            n,
+            m,
+            d,
+            HAS_DOUT=dout is not None,
+            HAS_DLSE=dlse is not None,
+            **meta,
+        )
+        return dvalues, du_partial
     a = torch.empty((n, m, s), dtype=torch.float32, device=values.device)
     if m:
         meta = _phase1_meta(n, s, d, backward=True)
@@ -508,15 +677,13 @@ def _phase1_backward(
             **_dot_precisions(values.dtype),
             **meta,
         )
-    return dvalues, a
+    return dvalues, _query_grad_partials(values, a)
 
 
-def _query_grads(
-    values: torch.Tensor, a: torch.Tensor, queries: torch.Tensor, norm_weight: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """du_s = Σ_{tokens, i} a[i, t, s] values[i, t]; dq = du ⊙ g, dg = du ⊙ q (dq = du without a norm weight)."""
+def _query_grad_partials(values: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Partial sums [G, S, D] (fp32) over token splits of du_s = Σ_{tokens, i} a[i, t, s] values[i, t]."""
     n, m, d = values.shape
-    s = queries.shape[0]
+    s = a.shape[2]
     meta = _query_grad_meta(max(m, 1), d)
     splits = meta["splits"]
     partial = torch.empty((splits, s, d), dtype=torch.float32, device=values.device)
@@ -535,11 +702,19 @@ def _query_grads(
         SPLIT=_dot_precisions(values.dtype)["SPLIT"],
         num_warps=4,
     )
+    return partial
+
+
+def _finish_query_grads(
+    partial: torch.Tensor, queries: torch.Tensor, norm_weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """du = Σ_G partial [G, S, D]; dq = du ⊙ g, dg = du ⊙ q (dq = du without a norm weight)."""
+    splits, s, d = partial.shape
     q = queries.float().contiguous()
     g = None if norm_weight is None else norm_weight.float().contiguous()
-    dq = torch.empty((s, d), dtype=torch.float32, device=values.device)
+    dq = torch.empty((s, d), dtype=torch.float32, device=partial.device)
     dg = None if g is None else torch.empty_like(dq)
-    block_d = min(1024, triton.next_power_of_2(d))
+    block_d = min(32, triton.next_power_of_2(d))  # many narrow column strips: the sum is spread over SMs
     _query_grad_finish_kernel[(triton.cdiv(d, block_d), s)](
         partial,
         q,
@@ -550,6 +725,7 @@ def _query_grads(
         s,
         d,
         HAS_NORM=g is not None,
+        BLOCK_G=64,
         BLOCK_D=block_d,
         num_warps=4,
     )
@@ -570,7 +746,7 @@ def _merge_forward(
     h = torch.empty_like(out1)
     x = torch.empty((m, d), dtype=sum_dtype, device=partial.device) if update is not None else partial
     if m:
-        meta = _merge_meta(d)
+        meta = _row_meta(d)
         _merge_fwd_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
             out1,
             lse1,
@@ -588,33 +764,40 @@ def _merge_forward(
     return h, x
 
 
-def _merge_backward(out1, lse1, x, u, eps, dh, dx_in):
-    """do1 [M, D], dlse1 [M], dx [M, D] (including dx_in), a = dz·r [M]."""
+def _merge_backward(out1, lse1, x, u, eps, dh, dx_in, update_dtype):
+    """do1 [M, D], dlse1 [M], dx [M, D] (including dx_in), dx in ``update_dtype`` (None: no update, or dx itself when
+    the dtypes agree) and partial sums [G, D] of du = Σ_tokens dz·r_x x."""
     m, d = x.shape
     dout1 = torch.empty_like(out1)
     dx = torch.empty_like(x)
     dlse1 = torch.empty((m,), dtype=torch.float32, device=x.device)
-    a = torch.empty((m,), dtype=torch.float32, device=x.device)
-    if m:
-        meta = _merge_meta(d)
-        _merge_bwd_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
-            out1,
-            lse1,
-            x,
-            u,
-            dh,
-            x if dx_in is None else dx_in,
-            dout1,
-            dlse1,
-            dx,
-            a,
-            m,
-            d,
-            eps,
-            HAS_DX_IN=dx_in is not None,
-            **meta,
-        )
-    return dout1, dlse1, dx, a
+    write_dupdate = update_dtype is not None and update_dtype != x.dtype
+    dupdate = torch.empty((m, d), dtype=update_dtype, device=x.device) if write_dupdate else None
+    meta = _row_meta(d)
+    programs = _row_programs(m, meta["BLOCK_M"])
+    du_partial = torch.empty((programs, d), dtype=torch.float32, device=x.device)
+    _merge_bwd_kernel[(programs,)](
+        out1,
+        lse1,
+        x,
+        u,
+        dh,
+        x if dx_in is None else dx_in,
+        dout1,
+        dlse1,
+        dx,
+        dx if dupdate is None else dupdate,
+        du_partial,
+        m,
+        d,
+        eps,
+        HAS_DX_IN=dx_in is not None,
+        WRITE_DUPDATE=write_dupdate,
+        **meta,
+    )
+    if update_dtype is not None and dupdate is None:
+        dupdate = dx
+    return dout1, dlse1, dx, dupdate, du_partial
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -629,7 +812,7 @@ class _DepthAttention(torch.autograd.Function):
         lead = tuple(sources.shape[1:-1])
         values = sources.contiguous().view(n, -1, d)  # [N, M, D]
         out, lse, z, inv_rms = _phase1_forward(values, _effective_queries(queries, norm_weight), eps, write_out=True)
-        ctx.save_for_backward(values, queries, norm_weight, lse, z, inv_rms)
+        ctx.save_for_backward(values, queries, norm_weight, out, lse, z, inv_rms)
         ctx.source_shape = tuple(sources.shape)
         ctx.set_materialize_grads(False)
         s = queries.shape[0]
@@ -637,13 +820,13 @@ class _DepthAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        values, queries, norm_weight, *stats = ctx.saved_tensors
+        values, queries, norm_weight, out, *stats = ctx.saved_tensors
         s, m, d = queries.shape[0], values.shape[1], values.shape[2]
         dout = None if dout is None else dout.contiguous().view(s, m, d)
         dlse = None if dlse is None else dlse.float().contiguous().view(s, m)
         u = _effective_queries(queries, norm_weight)
-        dvalues, a = _phase1_backward(values, u, stats, dout, dlse)
-        dq, dg = _query_grads(values, a, queries, norm_weight)
+        dvalues, du_partial = _phase1_backward(values, u, stats, out, dout, dlse)
+        dq, dg = _finish_query_grads(du_partial, queries, norm_weight)
         return dvalues.view(ctx.source_shape), dq, dg, None
 
 
@@ -663,7 +846,7 @@ class _DepthAttentionOverBlocks(torch.autograd.Function):
         u = _effective_queries(queries, norm_weight)
         out, lse, z, inv_rms = _phase1_forward(values, u, eps, write_out=with_out)
         ctx.values = values
-        ctx.save_for_backward(queries, norm_weight, lse, z, inv_rms)
+        ctx.save_for_backward(queries, norm_weight, out, lse, z, inv_rms)
         ctx.with_out, ctx.block_shape = with_out, tuple(cache.shape[1:])
         ctx.set_materialize_grads(False)
         s = queries.shape[0]
@@ -673,7 +856,7 @@ class _DepthAttentionOverBlocks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        queries, norm_weight, *stats = ctx.saved_tensors
+        queries, norm_weight, out, *stats = ctx.saved_tensors
         values = ctx.values
         s, (n, m, d) = queries.shape[0], values.shape
         dout = grads[0] if ctx.with_out else None
@@ -681,8 +864,8 @@ class _DepthAttentionOverBlocks(torch.autograd.Function):
         dout = None if dout is None else dout.contiguous().view(s, m, d)
         dlse = None if dlse is None else dlse.float().contiguous().view(s, m)
         u = _effective_queries(queries, norm_weight)
-        dvalues, a = _phase1_backward(values, u, stats, dout, dlse)
-        dq, dg = _query_grads(values, a, queries, norm_weight)
+        dvalues, du_partial = _phase1_backward(values, u, stats, out, dout, dlse)
+        dq, dg = _finish_query_grads(du_partial, queries, norm_weight)
         return (None, dq, dg, None, None, *dvalues.view(n, *ctx.block_shape).unbind(0))
 
 
@@ -699,8 +882,9 @@ class _OnlineMerge(torch.autograd.Function):
         u = _effective_queries(query[None], None if norm_weight is None else norm_weight[None])[0]
         h, x = _merge_forward(out1_2d, lse1_1d, partial_2d, update_2d, u, eps, sum_dtype)
         ctx.save_for_backward(out1_2d, lse1_1d, x, query, norm_weight)
-        ctx.eps, ctx.shape, ctx.has_update = eps, shape, update is not None
-        ctx.lse_dtype = lse1.dtype
+        ctx.eps, ctx.shape = eps, shape
+        ctx.lse_dtype, ctx.partial_dtype = lse1.dtype, partial.dtype
+        ctx.update_dtype = None if update is None else update.dtype
         ctx.set_materialize_grads(False)
         if update is None:
             return h.view(shape)
@@ -712,16 +896,18 @@ class _OnlineMerge(torch.autograd.Function):
         dh = torch.zeros_like(x) if dh is None else dh.contiguous().view_as(x)
         dx_in = None if dx_out is None else dx_out.contiguous().view_as(x)
         u = _effective_queries(query[None], None if norm_weight is None else norm_weight[None])[0]
-        dout1, dlse1, dx, a = _merge_backward(out1, lse1, x, u, ctx.eps, dh, dx_in)
-        dq, dg = _query_grads(
-            x[None], a.view(1, -1, 1), query[None], None if norm_weight is None else norm_weight[None]
+        dout1, dlse1, dx, dupdate, du_partial = _merge_backward(out1, lse1, x, u, ctx.eps, dh, dx_in, ctx.update_dtype)
+        dq, dg = _finish_query_grads(
+            du_partial[:, None], query[None], None if norm_weight is None else norm_weight[None]
         )
-        dx = dx.view(ctx.shape)
+        # ∂(partial + update)/∂partial = ∂/∂update = identity: both get dx, from the kernel in their own dtype
+        # where it wrote one (so that autograd need not cast it)
+        dpartial = dupdate if dupdate is not None and ctx.partial_dtype == dupdate.dtype != dx.dtype else dx
         return (
             dout1.view(ctx.shape),
             dlse1.view(ctx.shape[:-1]).to(ctx.lse_dtype),
-            dx,
-            dx if ctx.has_update else None,  # ∂(partial + update)/∂partial = ∂/∂update = identity
+            dpartial.view(ctx.shape),
+            None if dupdate is None else dupdate.view(ctx.shape),
             dq[0],
             None if dg is None else dg[0],
             None,

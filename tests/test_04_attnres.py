@@ -242,8 +242,9 @@ def test_depth_attention_triton_matches_reference(n, s, lead, d, device):
     _check_phase1(ref_in, ker_in, dout, dlse, tol_out=1e-5, tol_grad=1e-5, tol_lse=1e-6)
 
 
-def test_depth_attention_triton_without_norm_weight_and_out_only_gradient(device):
-    ref_in, ker_in, dout, _ = _phase1_case(4, 3, (2, 9), 32, seed=50, device=device, with_norm=False)
+@pytest.mark.parametrize("s", [3, 1], ids=["tile", "one-query"])
+def test_depth_attention_triton_without_norm_weight_and_out_only_gradient(s, device):
+    ref_in, ker_in, dout, _ = _phase1_case(4, s, (2, 9), 32, seed=50, device=device, with_norm=False)
     ref_out, _ = batched_depth_attention(*ref_in)
     out, _ = depth_attention_triton(*ker_in)
     assert_close("out", out, ref_out, rtol_rel=1e-5)
@@ -296,23 +297,24 @@ def test_online_merge_triton_matches_reference(device):
         assert_close(name, gk, gr, rtol_rel=1e-5)
 
 
+@pytest.mark.parametrize("s", [4, 1], ids=["tile", "one-query"])
 @pytest.mark.parametrize("with_out", [True, False])
-def test_cached_phase1_equals_stacked_and_routes_gradients_to_blocks(with_out, device):
+def test_cached_phase1_equals_stacked_and_routes_gradients_to_blocks(with_out, s, device):
     n, d = 3, 32
     blocks = [((1 + i) * randn(2, 5, d, seed=80 + i, device=device)).requires_grad_() for i in range(n)]
-    queries = randn(4, d, seed=90, device=device, requires_grad=True)
-    norm = (1 + 0.1 * randn(4, d, seed=91, device=device)).requires_grad_()
+    queries = randn(s, d, seed=90, device=device, requires_grad=True)
+    norm = (1 + 0.1 * randn(s, d, seed=91, device=device)).requires_grad_()
     cache = torch.full((n + 2, 2, 5, d), float("nan"), device=device)  # rows >= n must never be read
     cache[:n] = torch.stack(blocks).detach()
     got = depth_attention_cached_triton(cache, blocks, queries, norm, with_out=with_out)
     stacked = [b.detach().clone().requires_grad_() for b in blocks]
     q2, g2 = queries.detach().clone().requires_grad_(), norm.detach().clone().requires_grad_()
     ref_out, ref_lse = depth_attention_triton(torch.stack(stacked), q2, g2)
-    dlse = randn(4, 2, 5, seed=92, device=device)
+    dlse = randn(s, 2, 5, seed=92, device=device)
     if with_out:
         out, lse = got
         assert_close("out", out, ref_out, rtol_rel=0.0)
-        dout = randn(4, 2, 5, d, seed=93, device=device)
+        dout = randn(s, 2, 5, d, seed=93, device=device)
         torch.autograd.backward((out, lse), (dout, dlse))
         torch.autograd.backward((ref_out, ref_lse), (dout, dlse))
     else:
@@ -340,8 +342,9 @@ def nan_empty(monkeypatch):
 
 def test_kernels_write_every_output_element(nan_empty, device):
     assert torch.isnan(torch.empty(2)).all()  # the fixture is active
-    ref_in, ker_in, dout, dlse = _phase1_case(3, 3, (2, 7), 40, seed=100, device=device)
-    _check_phase1(ref_in, ker_in, dout, dlse, tol_out=1e-5, tol_grad=1e-5, tol_lse=1e-6)
+    for s in (3, 1):  # the tile kernels and the one-query row kernels
+        ref_in, ker_in, dout, dlse = _phase1_case(3, s, (2, 7), 40, seed=100, device=device)
+        _check_phase1(ref_in, ker_in, dout, dlse, tol_out=1e-5, tol_grad=1e-5, tol_lse=1e-6)
     ref_in, ker_in = _merge_case((3, 7), 40, seed=101, device=device)
     o1, l1, p, up, q, g = ref_in
     h, x = merge_step_triton(*ker_in)
@@ -508,6 +511,43 @@ def test_merge_step_keeps_the_running_sum_in_sum_dtype(device):
         merge_step_triton(*ker_in, sum_dtype=torch.float64)
 
 
+@pytest.mark.parametrize("partial_dtype", [torch.bfloat16, torch.float32], ids=["bf16-partial", "fp32-partial"])
+def test_merge_step_gradients_with_an_fp32_sum_of_bf16_inputs(partial_dtype, device):
+    """As in a bf16 stream: the kernel writes the gradient of x in fp32 and again in the update's dtype, and each
+    input gets it in its own dtype (values: bf16 storage, 2⁻⁹ relative)."""
+    ref_in, ker_in = _merge_case((2, 9), 32, seed=81, device=device, dtype=torch.bfloat16)
+    ker_in[2] = ker_in[2].detach().to(partial_dtype).requires_grad_()
+    o1, l1, p, up, q, g = ref_in
+    ref_x = p + up
+    ref_h = online_merge(o1, l1, ref_x, q, g)
+    h, x = merge_step_triton(*ker_in, sum_dtype=torch.float32)
+    dh, dx = randn(2, 9, 32, seed=5, dtype=F64).to(torch.bfloat16).to(F64), randn(2, 9, 32, seed=6, dtype=F64)
+    ref_grads = torch.autograd.grad((ref_h, ref_x), ref_in, (dh, dx))
+    grads = torch.autograd.grad((h, x), ker_in, (dh.to(device, torch.bfloat16), dx.to(device, torch.float32)))
+    assert [gk.dtype for gk in grads] == [t.dtype for t in ker_in]
+    for name, gk, gr in zip(MERGE_STEP_GRADS, grads, ref_grads, strict=True):
+        assert_close(name, gk, gr, rtol_rel=1e-2)
+
+
+def test_backward_row_kernels_stride_over_row_tiles(monkeypatch, device):
+    """With fewer programs than row tiles, each backward row kernel walks several tiles and sums its share of the
+    query gradient (the H100 runs 1024 programs; here 3 over 18 rows)."""
+    from nanokimi.attnres import kernels
+
+    monkeypatch.setattr(kernels, "_ROW_PROGRAMS", 3)
+    ref_in, ker_in, dout, dlse = _phase1_case(4, 1, (2, 9), 1000, seed=110, device=device)
+    _check_phase1(ref_in, ker_in, dout, dlse, tol_out=1e-5, tol_grad=1e-5, tol_lse=1e-6)
+    ref_in, ker_in = _merge_case((2, 9), 1000, seed=111, device=device)
+    o1, l1, p, up, q, g = ref_in
+    ref_h = online_merge(o1, l1, p + up, q, g)
+    h, x = merge_step_triton(*ker_in)
+    dh = randn(2, 9, 1000, seed=7, dtype=F64)
+    ref_grads = torch.autograd.grad(ref_h, ref_in, dh)
+    grads = torch.autograd.grad(h, ker_in, dh.to(device, torch.float32))
+    for name, gk, gr in zip(MERGE_STEP_GRADS, grads, ref_grads, strict=True):
+        assert_close(name, gk, gr, rtol_rel=1e-5)
+
+
 def test_residual_stream_bad_input():
     with pytest.raises(ValueError, match=r"mode: expected one of \['standard', 'full', 'block'\], got 'dense'"):
         ResidualStream("dense", 4, 8)
@@ -545,11 +585,12 @@ GPU_TOL = {torch.float32: (1e-5, 2e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2, 1e-5)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("s", [3, 1], ids=["tile", "one-query"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d", [64, 1000, 2048])
 @pytest.mark.parametrize("n", [1, 3, 9, 17])
-def test_depth_attention_gpu(n, d, dtype):
-    ref_in, ker_in, dout, dlse = _phase1_case(n, 3, (2, 37), d, seed=200 + n + d, device="cuda", dtype=dtype)
+def test_depth_attention_gpu(n, d, dtype, s):
+    ref_in, ker_in, dout, dlse = _phase1_case(n, s, (2, 37), d, seed=200 + n + d, device="cuda", dtype=dtype)
     tol_out, tol_grad, tol_lse = GPU_TOL[dtype]
     _check_phase1(ref_in, ker_in, dout, dlse, tol_out=tol_out, tol_grad=tol_grad, tol_lse=tol_lse)
 
@@ -559,7 +600,7 @@ def test_depth_attention_gpu(n, d, dtype):
 @pytest.mark.parametrize("n, s", [(5, 8), (33, 1)], ids=["block-attnres", "full-attnres"])
 def test_depth_attention_gpu_stream_shapes(n, s, dtype):
     """The shapes the stream runs: a block's 8 queries over 5 sources (the benchmark's tile) and Full AttnRes'
-    single query over 33 sources (the largest tile: 4 warps, 64 padded sources per token)."""
+    single query over 33 sources (the one-query row kernels, 33 sources in the online softmax)."""
     ref_in, ker_in, dout, dlse = _phase1_case(n, s, (3, 37), 2048, seed=250 + n, device="cuda", dtype=dtype)
     tol_out, tol_grad, tol_lse = GPU_TOL[dtype]
     _check_phase1(ref_in, ker_in, dout, dlse, tol_out=tol_out, tol_grad=tol_grad, tol_lse=tol_lse)
