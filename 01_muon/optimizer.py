@@ -348,8 +348,15 @@ class MuonWithAdamW(Muon):
         return loss
 
     def _adamw_update(self, group: dict) -> None:
+        """AdamW on every parameter of the group with a gradient, as multi-tensor (``torch._foreach_*``) ops.
+
+        One launch per op for the whole group instead of one per parameter: a model has dozens of small vectors
+        (norm gains, biases, AttnRes pseudo-queries), and a Python loop over them costs more than their math.
+        Parameters are grouped by their step count (those that missed a step have their own bias corrections).
+        """
         beta1, beta2 = group["betas"]
         lr, eps = group["lr"], group["eps"]
+        by_step: dict[int, list[torch.Tensor]] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -359,12 +366,19 @@ class MuonWithAdamW(Muon):
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             state["step"] += 1
-            t = state["step"]
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)  # m ← β₁·m + (1 − β₁)·g
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v ← β₂·v + (1 − β₂)·g²
-            denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(eps)
-            p.mul_(1 - lr * group["weight_decay"])
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+            by_step.setdefault(state["step"], []).append(p)
+        for t, params in by_step.items():
+            grads = [p.grad for p in params]
+            exp_avg = [self.state[p]["exp_avg"] for p in params]
+            exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)  # m ← β₁·m + (1 − β₁)·g
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)  # v ← β₂·v + (1 − β₂)·g²
+            denom = torch._foreach_div(exp_avg_sq, 1 - beta2**t)  # √(v / (1 − β₂ᵗ)) + ε
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            torch._foreach_addcdiv_(params, exp_avg, denom, value=-lr / (1 - beta1**t))
 
 
 def muon_param_groups(model: nn.Module) -> list[dict]:
