@@ -95,6 +95,17 @@ def _token_tile(M, N, S, N_ROWS: tl.constexpr, S_COLS: tl.constexpr, BLOCK_M: tl
     return src, tok_r, row_ok, qry, tok_c, col_ok, same_token
 
 
+@triton.jit
+def _row_tile(first, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The row kernels' tile: BLOCK_M whole rows of a [M, D] plane from row ``first``: row indices, which rows
+    exist, [BM, BD] element offsets (int64) within one plane, and the in-bounds mask."""
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK_D)
+    offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
+    return rows, row_ok, offs, row_ok[:, None] & (cols < D)[None, :]
+
+
 @triton.jit(do_not_specialize=["N", "M", "S"])
 def _phase1_fwd_kernel(
     values_ptr,  # [N, M, D] sources
@@ -248,12 +259,9 @@ def _one_query_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # One query (S = 1), BLOCK_M whole rows: an online softmax over the sources, each source read once.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    rows, row_ok, offs, mask = _row_tile(tl.program_id(0) * BLOCK_M, M, D, BLOCK_M, BLOCK_D)  # offs within a source
     cols = tl.arange(0, BLOCK_D)
     c_ok = cols < D
-    offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]  # [BM, BD] within one source
-    mask = row_ok[:, None] & c_ok[None, :]
     plane = tl.cast(M, tl.int64) * D
     u = tl.load(u_ptr + cols, mask=c_ok, other=0.0)
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -307,10 +315,7 @@ def _one_query_bwd_kernel(
     u = tl.load(u_ptr + cols, mask=c_ok, other=0.0)
     du = tl.zeros([BLOCK_D], tl.float32)
     for first in range(tl.program_id(0) * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
-        rows = first + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
-        mask = row_ok[:, None] & c_ok[None, :]
+        rows, row_ok, offs, mask = _row_tile(first, M, D, BLOCK_M, BLOCK_D)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         shared = tl.zeros([BLOCK_M], tl.float32)  # dz_i / p_i − dp_i, the same for every source
         if HAS_DOUT:
@@ -353,12 +358,9 @@ def _merge_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    rows, row_ok, offs, mask = _row_tile(tl.program_id(0) * BLOCK_M, M, D, BLOCK_M, BLOCK_D)
     cols = tl.arange(0, BLOCK_D)
     c_ok = cols < D
-    offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
-    mask = row_ok[:, None] & c_ok[None, :]
     x = tl.load(partial_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BM, BD]
     if HAS_UPDATE:
         x += tl.load(update_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -402,10 +404,7 @@ def _merge_bwd_kernel(
     u = tl.load(u_ptr + cols, mask=c_ok, other=0.0)
     du = tl.zeros([BLOCK_D], tl.float32)
     for first in range(tl.program_id(0) * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
-        rows = first + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
-        mask = row_ok[:, None] & c_ok[None, :]
+        rows, row_ok, offs, mask = _row_tile(first, M, D, BLOCK_M, BLOCK_D)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         o1 = tl.load(out1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)

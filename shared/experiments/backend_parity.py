@@ -79,8 +79,7 @@ def run(
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         curves[name] = {"metrics": [json.loads(line) for line in lines], "summary": summary}
     ref, tri, rerun = (curves[name]["metrics"] for name in ("reference", "triton", "reference_rerun"))
-    rel = [abs(t["loss"] - r["loss"]) / r["loss"] for r, t in zip(ref, tri, strict=True)]
-    floor = [abs(t["loss"] - r["loss"]) / r["loss"] for r, t in zip(ref, rerun, strict=True)]
+    rel, floor = _rel_diff(tri, ref), _rel_diff(rerun, ref)
     warm = slice(min(10, steps - 1), None)
     ref_ms = 1e3 * statistics.median(m["step_s"] for m in ref[warm])
     tri_ms = 1e3 * statistics.median(m["step_s"] for m in tri[warm])
@@ -114,6 +113,11 @@ def run(
         f"reference vs its own rerun {max(floor):.2e}"
     )
     return result
+
+
+def _rel_diff(run: list[dict], ref: list[dict]) -> list[float]:
+    """Per-step ``|L_run − L_ref| / L_ref`` of two metrics.jsonl curves of the same length."""
+    return [abs(m["loss"] - r["loss"]) / r["loss"] for r, m in zip(ref, run, strict=True)]
 
 
 def _plot(result: dict, path: Path) -> None:
