@@ -19,6 +19,7 @@ from nanokimi.triton_utils import interpreting
 __all__ = [
     "rel_err",
     "assert_close",
+    "check_attempt_like",
     "check_attempt_close",
     "poisoned_like",
     "poisoned_empty",
@@ -145,17 +146,22 @@ def kernel_device() -> torch.device:
     return torch.device("cpu") if interpreting() else torch.device("cuda")
 
 
-def check_attempt_close(
-    name: str, got: object, want: torch.Tensor, rtol: float, hint: str = "", atol: float = 0.0
-) -> None:
-    """``assert_close`` for a student's result: first that it is a tensor of the reference's shape and dtype, then
-    the values; ``hint`` is appended to a failure message."""
+def check_attempt_like(name: str, got: object, want: torch.Tensor) -> None:
+    """A student's result must be a tensor of the reference's shape and dtype (AssertionError naming what differs)."""
     if not isinstance(got, torch.Tensor):
         raise AssertionError(f"{name}: expected a torch.Tensor, got {type(got).__name__}")
     if tuple(got.shape) != tuple(want.shape):
         raise AssertionError(f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
     if got.dtype != want.dtype:
         raise AssertionError(f"{name}: dtype {got.dtype}, expected {want.dtype}")
+
+
+def check_attempt_close(
+    name: str, got: object, want: torch.Tensor, rtol: float, hint: str = "", atol: float = 0.0
+) -> None:
+    """``assert_close`` for a student's result: first that it is a tensor of the reference's shape and dtype, then
+    the values; ``hint`` is appended to a failure message."""
+    check_attempt_like(name, got, want)
     try:
         assert_close(name, got, want, rtol_rel=rtol, atol=atol)
     except AssertionError as err:

@@ -11,17 +11,12 @@ import torch
 
 from nanokimi.grade import call_attempt as _call
 from nanokimi.moe import grouped_matmul, permute, route, routed_experts, unpermute_combine, update_expert_bias
-from nanokimi.testing import assert_close, kernel_device, poisoned_empty, randn
+from nanokimi.testing import assert_close, check_attempt_like, kernel_device, poisoned_empty, randn
 
 
 def _assert_equal(name: str, got: object, want: torch.Tensor) -> None:
     """Exact equality of integer maps: shape, dtype, then the first mismatching position."""
-    if not isinstance(got, torch.Tensor):
-        raise AssertionError(f"{name}: expected a torch.Tensor, got {type(got).__name__}")
-    if tuple(got.shape) != tuple(want.shape):
-        raise AssertionError(f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-    if got.dtype != want.dtype:
-        raise AssertionError(f"{name}: dtype {got.dtype}, expected {want.dtype}")
+    check_attempt_like(name, got, want)
     got, want = got.cpu(), want.cpu()
     wrong = got != want
     if bool(wrong.any()):
