@@ -39,7 +39,9 @@ Backward, five launches, the reverse of the above (all derivatives by hand, see 
 
 Decoding: ``_decode_kernel`` grid (V/BV, B·H) applies one token of the recurrence to a [K, BV] slice of S.
 
-Dots take the input dtype (bf16 on tensor cores, fp32 accumulate); with fp32 inputs every dot is IEEE fp32.
+Dots take the input dtype (bf16 on tensor cores, fp32 accumulate); with fp32 inputs every dot is three TF32
+tensor-core passes (``dot_precision``: ``tf32x3``, ≈ fp32 accuracy; exact IEEE dots ran on the CUDA cores and made
+the fp32 backward 5–7 ms per call at TinyKimi's size) and exact fp32 under the interpreter.
 Under the Triton interpreter bf16 q, k, v run in fp32: it stores bf16 as raw uint16 and its ``tl.dot``
 multiplies those bit patterns as integers (a bf16 call came out ~1e12 off).
 Addressing: a 64-bit base per (batch, head), 32-bit offsets inside it (so T·H·max(K, V, C) < 2^31).
@@ -53,7 +55,7 @@ import triton.language as tl
 
 from nanokimi.checks import check_in, check_tensor
 from nanokimi.kda.reference import FLOATS, resolve_scale, validate_kda_inputs
-from nanokimi.triton_utils import autotune_configs, ensure_cuda_or_interpreter, interpreting
+from nanokimi.triton_utils import autotune_configs, dot_precision, ensure_cuda_or_interpreter, interpreting
 
 __all__ = ["kda_chunk_triton", "kda_decode_step_triton", "CHUNK_SIZES"]
 
@@ -185,7 +187,7 @@ def _fwd_solve_kernel(
     ``X_bb = L_bb⁻¹`` by forward substitution (row r: ``X_r = e_r − Σ_{j<r} A_bb[r, j] X_j``, BC − 1 steps on a
     [NC, BC, BC] tensor instead of C − 1 steps on [C, C]); then block row by block row,
     ``X_b = X_bb (E_b − A_b,<b X_<b)`` with two small dots, reading the rows X_<b solved before it back from the
-    buffer. Dots in fp32 (``SOLVE_PREC``: IEEE, or three TF32 passes on tensor cores)."""
+    buffer. Dots in fp32 (``SOLVE_PREC``: three TF32 passes on tensor cores; IEEE under the interpreter)."""
     NC: tl.constexpr = C // BC
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     bh = (i_bh // H).to(tl.int64) * T * H + i_bh % H
@@ -269,6 +271,10 @@ _FWD_STATE_CONFIGS = [
 # pointer's high word), so the wgmma read shared memory out of bounds (compute-sanitizer flagged it, and the
 # gradients depended on whatever that memory held). The PTX was correct; BV=32 and 64 compiled correctly (every
 # wgmma descriptor traced in the SASS). The GPU test of every config (zero- vs NaN-filled buffers) guards this.
+# fp32 operands need twice the shared memory of bf16 ones per stage: at K=128 three stages ask for 256 KB (the
+# H100 has 227 KB per block; 2 stages 144 KB, compiled offline for sm_90a), so ``_prune_bwd_state`` drops them for
+# 4-byte operands. A 1-stage config was tried and not kept: it gave a wrong dS for bf16 at K=128 (0.83 relative
+# error in its GPU test).
 _BWD_STATE_CONFIGS = [
     triton.Config({"BV": 32}, num_warps=4, num_stages=3),
     triton.Config({"BV": 32}, num_warps=4, num_stages=2),
@@ -285,6 +291,13 @@ def _prune_small(configs, named_args, **kwargs):
     """Tiny problems (tests) run the first config only: tuning them costs compiles and measures noise.
     (Triton passes the positional arguments in ``named_args`` and the keyword ones, H here, in ``kwargs``.)"""
     return configs[:1] if named_args["T"] * kwargs["H"] < 16384 else configs
+
+
+def _prune_bwd_state(configs, named_args, **kwargs):
+    """``_prune_small`` after dropping the 3-stage configs for fp32 operands at K ≥ 128 (they do not fit)."""
+    if named_args["qg"].element_size() == 4 and kwargs["K"] >= 128:
+        configs = [c for c in configs if c.num_stages < 3]
+    return _prune_small(configs, named_args, **kwargs)
 
 
 @triton.autotune(
@@ -428,7 +441,7 @@ def _bwd_ddelta_intra_kernel(
 @triton.autotune(
     configs=autotune_configs(_BWD_STATE_CONFIGS),
     key=["H", "K", "V", "C", "BK"],
-    prune_configs_by={"early_config_prune": _prune_small},
+    prune_configs_by={"early_config_prune": _prune_bwd_state},
 )
 @triton.jit(do_not_specialize=["T", "NT"])
 def _bwd_state_kernel(
@@ -832,7 +845,7 @@ def _forward(q, k, v, g, beta, h0, scale, output_final_state, C, save):
     V = v.shape[-1]
     NT = triton.cdiv(T, C)
     BK = _block(K, 256)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = dot_precision(q.dtype)
     dev, dt = q.device, q.dtype
     gc = _chunk_cumsum(g, C, reverse=False, out_dtype=torch.float32)
     aqk = _alloc(B, T, H, C, dtype=dt, device=dev)
@@ -844,7 +857,7 @@ def _forward(q, k, v, g, beta, h0, scale, output_final_state, C, save):
     u = _alloc(B, T, H, V, dtype=dt, device=dev)
     _fwd_solve_kernel[(NT, B * H)](
         q, k, v, gc, beta, akk, w, u, qg, kg, scale, T, H=H, K=K, V=V, C=C, BC=_BC, BK=BK, BV=_block(V, 64),
-        PREC=prec, SOLVE_PREC="ieee" if q.dtype == torch.float32 else "tf32x3", num_warps=4, num_stages=1,
+        PREC=prec, SOLVE_PREC=dot_precision(torch.float32), num_warps=4, num_stages=1,
     )  # fmt: skip
     # The walk saves S at every chunk's start (hs) and Δ; the output kernel then reads both, in parallel.
     hs = _alloc(B, NT, H, K, V, dtype=dt, device=dev)
@@ -868,7 +881,7 @@ def _backward(q, k, v, g, beta, h0, saved, do, dht, scale, C):
     V = v.shape[-1]
     NT = triton.cdiv(T, C)
     BK = _block(K, 256)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = dot_precision(q.dtype)
     dev, dt = q.device, q.dtype
     do = do.contiguous()
     dhs = _alloc(B, NT, H, K, V, dtype=dt, device=dev)

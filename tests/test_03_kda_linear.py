@@ -689,8 +689,9 @@ GPU_TOL = {
         (torch.bfloat16, 4096, 128),
         (torch.float32, 63, 128),
         (torch.float32, 1000, 64),
+        (torch.float32, 1000, 128),
     ],
-    ids=["bf16-63-64", "bf16-1000-128", "bf16-4096-128", "fp32-63-128", "fp32-1000-64"],
+    ids=["bf16-63-64", "bf16-1000-128", "bf16-4096-128", "fp32-63-128", "fp32-1000-64", "fp32-1000-128"],
 )
 def test_gpu_chunk_fwd_bwd(dtype, T, K):
     inputs = make_inputs(1, T, 2, K, K, seed=T, device="cuda")
@@ -707,12 +708,12 @@ def test_gpu_chunk_fwd_bwd(dtype, T, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("H", [2, 16])
-def test_gpu_chunk_bwd_does_not_depend_on_buffer_contents(H, monkeypatch):
+@pytest.mark.parametrize(("H", "dtype"), [(2, torch.bfloat16), (16, torch.bfloat16), (16, torch.float32)])
+def test_gpu_chunk_bwd_does_not_depend_on_buffer_contents(H, dtype, monkeypatch):
     """fwd + bwd with every launcher buffer zero-filled, then NaN-filled: identical and finite (T=1100 and H=16
-    autotune every config; K=128 bf16 is the benchmark's shape)."""
+    autotune every config; K=128 bf16 is the benchmark's shape, K=128 fp32 TinyKimi's)."""
     inputs = make_inputs(1, 1100, H, 128, 128, seed=3, device="cuda")
-    inputs = [t.bfloat16() for t in inputs[:5]] + [inputs[5].float()]
+    inputs = [t.to(dtype) for t in inputs[:5]] + [inputs[5].float()]
     results = []
     for fill in (0.0, float("nan")):
         monkeypatch.setattr(kda_kernels, "_alloc", _FilledAlloc(fill))
