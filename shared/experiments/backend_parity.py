@@ -11,14 +11,14 @@ the ``triton`` backends (fused kernels; MuonClip's Newton–Schulz included). Re
   differ in arithmetic (TF32/bf16 tensor-core dots in the kernels, bf16 Newton–Schulz in MuonClip, fp32 in the
   references) and MoE routing is discrete, so the curves drift apart slowly. The curves agree when
   (1) every one of the first ``EARLY_STEPS`` = 10 steps is within ``EARLY_RTOL`` = 1e-3 (before the training's
-  chaos amplifies rounding: a wrong gradient anywhere shows here, while bf16 Newton–Schulz gave ≤ 6.2e-4) and
+  chaos amplifies rounding: a wrong gradient shows here; bf16 Newton–Schulz gave 6.2e-4 and 8.5e-4 in two runs) and
   (2) the two curves' ``SMOOTH``-step (10) moving averages are within ``LOSS_RTOL`` = 2% at every step of the 200;
 * the floor under that comparison: the reference backend is trained a second time, same seed, same batches, and
   compared with its first run the same way. On a GPU some reductions in the references run in a
   nondeterministic order (atomic adds), so the two reference runs differ by ~1e-7 after a step or two; how far
   that grows over 200 steps is how far *any* two implementations whose arithmetic differs by rounding can be
   expected to drift on this training run. The first statement of this tolerance, ≤ 2% on every single step,
-  was tighter than that floor (the reference against its own rerun: 4.7% on the H100), so it could not tell a
+  was tighter than that floor (the reference against its own rerun: 3.7–4.7% on the H100), so it could not tell a
   correct implementation from a wrong one; the per-step maximum is still reported, for both pairs of runs.
 
 The task is MQAR with 26 pairs, 26 queries and a gap of 400 filler tokens (506-token inputs): long enough
