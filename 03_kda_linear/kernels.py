@@ -41,7 +41,7 @@ Decoding: ``_decode_kernel`` grid (V/BV, B·H) applies one token of the recurren
 
 Dots take the input dtype (bf16 on tensor cores, fp32 accumulate); with fp32 inputs every dot is three TF32
 tensor-core passes (``dot_precision``: ``tf32x3``, ≈ fp32 accuracy; exact IEEE dots ran on the CUDA cores, where
-the backward's two walks took 7.4 and 5.5 ms per call at TinyKimi's size) and exact fp32 under the interpreter.
+its backward state walk and dense kernel took 7.4 and 5.5 ms at TinyKimi's size) and exact fp32 under the interpreter.
 Under the Triton interpreter bf16 q, k, v run in fp32: it stores bf16 as raw uint16 and its ``tl.dot``
 multiplies those bit patterns as integers (a bf16 call came out ~1e12 off).
 Addressing: a 64-bit base per (batch, head), 32-bit offsets inside it (so T·H·max(K, V, C) < 2^31).
