@@ -271,10 +271,10 @@ _FWD_STATE_CONFIGS = [
 # pointer's high word), so the wgmma read shared memory out of bounds (compute-sanitizer flagged it, and the
 # gradients depended on whatever that memory held). The PTX was correct; BV=32 and 64 compiled correctly (every
 # wgmma descriptor traced in the SASS). The GPU test of every config (zero- vs NaN-filled buffers) guards this.
-# fp32 operands need twice the shared memory of bf16 ones per stage: at K=128 three stages ask for 256 KB (the
-# H100 has 227 KB per block; 2 stages 144 KB, compiled offline for sm_90a), so ``_prune_bwd_state`` drops them for
-# 4-byte operands. A 1-stage config was tried and not kept: it gave a wrong dS for bf16 at K=128 (0.83 relative
-# error in its GPU test).
+# A stage's tiles grow with operand bytes · K: fp32 at K=128 asks for 256 KB with three stages (the H100 has 227 KB
+# per block; 2 stages 144 KB, compiled offline for sm_90a), so ``_prune_bwd_state`` drops the 3-stage config there.
+# A 1-stage config was tried and not kept: it gave a wrong dS for bf16 at K=128 (0.83 relative error in its GPU
+# test). fp32 at K=256 fits in no config (2 stages: 272 KB with tf32x3 dots, 232 KB with IEEE ones).
 _BWD_STATE_CONFIGS = [
     triton.Config({"BV": 32}, num_warps=4, num_stages=3),
     triton.Config({"BV": 32}, num_warps=4, num_stages=2),
@@ -294,8 +294,10 @@ def _prune_small(configs, named_args, **kwargs):
 
 
 def _prune_bwd_state(configs, named_args, **kwargs):
-    """``_prune_small`` after dropping the 3-stage configs for fp32 operands at K ≥ 128 (they do not fit)."""
-    if named_args["qg"].element_size() == 4 and kwargs["K"] >= 128:
+    """``_prune_small`` after dropping the 3-stage configs where a stage's tiles are too large for them to fit:
+    operand bytes · K ≥ 512, i.e. fp32 at K ≥ 128 (256 KB asked; measured on the H100) and 16-bit at K ≥ 256
+    (320 KB in an offline sm_90a compile; not run on the GPU)."""
+    if named_args["qg"].element_size() * kwargs["K"] >= 512:
         configs = [c for c in configs if c.num_stages < 3]
     return _prune_small(configs, named_args, **kwargs)
 
