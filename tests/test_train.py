@@ -311,17 +311,24 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     args += ["--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run(
-        [*launcher, "-m", "nanokimi.train", *args, "--out", str(tmp_path / "ddp")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    # One retry for one failure only: a rank that has finished training (barrier, destroy_process_group) can still
+    # abort in gloo's teardown at interpreter exit with "terminate called without an active exception". Seen in
+    # two CI runs out of many, never reproduced locally (25 loops, idle and loaded); any other failure fails now.
+    for attempt in range(2):
+        out = tmp_path / f"ddp{attempt}"
+        proc = subprocess.run(
+            [*launcher, "-m", "nanokimi.train", *args, "--out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
-    ddp, single = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
-    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+    ddp, single = read_metrics(out), read_metrics(tmp_path / "single")
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     assert len(ddp) == len(single) == 3
     for a, b in zip(ddp, single, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
