@@ -312,8 +312,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     # One retry for one failure only: a rank that has finished training (barrier, destroy_process_group) can still
-    # abort in gloo's teardown at interpreter exit with "terminate called without an active exception". Seen in
-    # two CI runs out of many, never reproduced locally (25 loops, idle and loaded); any other failure fails now.
+    # abort in gloo's teardown at interpreter exit with "terminate called without an active exception" (hit CI once
+    # here and once in 01's spawn test; not reproduced in 25 local loops, idle and loaded). Other failures fail now.
     for attempt in range(2):
         out = tmp_path / f"ddp{attempt}"
         proc = subprocess.run(
